@@ -1,0 +1,150 @@
+"""The `cliptune` command: parses arguments into typed configs, then calls the library.
+
+Nothing below `main` is passed an argparse namespace: each command builds the library's own
+config objects (or plain arguments) and hands them over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from cliptune.config import ConfigError, load_config, parse_overrides
+
+
+def _train(args: argparse.Namespace, extra: list[str]) -> int:
+    from cliptune.train import Trainer
+
+    config = load_config(args.config, parse_overrides(extra))
+    trainer = Trainer(config, resume=args.resume)
+    counts = trainer.setup_model()
+    print(counts)
+    if args.dry_run:
+        # The plan needs the number of training images; reading the annotations is cheap, opening images is not.
+        from cliptune.data import read_split
+        from cliptune.pipeline import plan_steps
+
+        try:
+            records, _ = read_split(config.data, config.data.train_split)
+        except ValueError as err:
+            print(f"plan: data not readable ({err}); effective batch {config.train.effective_batch_size}")
+            return 0
+        per_epoch = len(records) if config.data.captions == "sample" else sum(len(r.captions) for r in records)
+        steps = plan_steps(per_epoch, config.train.effective_batch_size, 1)
+        total = min(steps * config.train.epochs, config.train.max_steps or steps * config.train.epochs)
+        print(f"plan: {total} optimizer steps = {config.train.epochs} epoch(s) x {steps} steps; effective batch "
+              f"{config.train.effective_batch_size} pairs ({per_epoch} pairs/epoch from {len(records)} images); "
+              f"accumulation {config.train.accumulation}; output {config.train.output_dir}")
+        return 0
+    plan = trainer.setup_data()
+    print(plan.describe())
+    trainer.setup()
+    result = trainer.train()
+    print(f"trained {result.steps} steps in {result.train_seconds:.1f} s ({result.pairs_per_second:.1f} pairs/s); "
+          f"adapter: {result.adapter_dir}")
+    if result.results:
+        from cliptune.report import format_results_for_terminal
+
+        print(format_results_for_terminal(result.results))
+    if result.interrupted:
+        print(f"interrupted: resume with  cliptune train --config {result.output_dir / 'config.yaml'} --resume")
+        return 130
+    return 0
+
+
+def _eval(args: argparse.Namespace, extra: list[str]) -> int:
+    from cliptune.compare import EvalRequest, compare_variants
+    from cliptune.report import format_results_for_terminal
+
+    config = load_config(args.config, parse_overrides(extra))
+    if args.model:
+        config.model.name = args.model
+    if args.data:
+        config.data.path = args.data
+    request = EvalRequest(
+        model=config.model,
+        data=config.data,
+        split=args.split or config.data.val_split,
+        adapters=[Path(a) for a in args.adapter],
+        scales=[float(s) for s in args.scales.split(",")] if args.scales else [1.0],
+        classify_folder=Path(args.classify_folder) if args.classify_folder else None,
+        batch_size=config.train.eval_batch_size,
+        device=config.train.device,
+        precision=config.train.precision,
+        out_dir=Path(args.out) if args.out else None,
+    )
+    results = compare_variants(request)
+    print(format_results_for_terminal(results))
+    if request.out_dir is not None:
+        print(f"report: {request.out_dir / 'report.md'}")
+    return 0
+
+
+def _demo(args: argparse.Namespace, extra: list[str]) -> int:
+    from cliptune.demo import DemoOptions, run_demo
+
+    options = DemoOptions(out_dir=Path(args.out), data=args.data, steps=args.steps, quick=args.quick)
+    result = run_demo(options, parse_overrides(extra))
+    from cliptune.report import format_results_for_terminal
+
+    print(format_results_for_terminal(result.results))
+    print(f"report: {result.output_dir / 'report.md'} (and report.html)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cliptune", description="LoRA fine-tuning for CLIP-family models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fine-tune with LoRA (any config key: --section.key value)")
+    train.add_argument("--config", type=Path, help="YAML config (sections model, lora, data, train)")
+    train.add_argument("--dry-run", action="store_true", help="load the model, print parameters and plan, exit")
+    train.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in output_dir")
+    train.set_defaults(handler=_train)
+
+    evaluate = sub.add_parser("eval", help="retrieval R@K of a base model, adapters and adapter scales, side by side")
+    evaluate.add_argument("--config", type=Path, help="YAML config; its model and data sections are used")
+    evaluate.add_argument("--model", help="base model: hub id or folder (overrides model.name)")
+    evaluate.add_argument("--adapter", action="append", default=[], help="adapter folder (repeatable)")
+    evaluate.add_argument("--scales", help="adapter scales to compare, e.g. 0,0.5,1 (0 = zero-shot)")
+    evaluate.add_argument("--data", help="annotations (overrides data.path)")
+    evaluate.add_argument("--split", help="split to score (default data.val_split)")
+    evaluate.add_argument("--classify-folder", help="labelled image folder (one sub-folder per class) for a "
+                          "zero-shot classification forgetting check")
+    evaluate.add_argument("--out", help="write metrics.json and report.md/.html here")
+    evaluate.set_defaults(handler=_eval)
+
+    demo = sub.add_parser("demo", help="offline end-to-end run on packaged pretrained towers")
+    demo.add_argument("--out", default="runs/demo", help="output folder")
+    demo.add_argument("--data", help="any supported annotations instead of the generated scenes")
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
+    demo.add_argument("--quick", action="store_true", help="a much shorter run (seconds), for smoke tests")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "transformers", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.handler(args, extra)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError, OSError) as err:
+        if args.verbose:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,118 @@
+"""Embedding a split once and scoring it with the standard retrieval protocol.
+
+Images and captions are encoded in batches without gradients; the (n_texts x n_images) similarity
+is never built whole (`metrics.retrieval_metrics` works in chunks), so COCO 5K fits any machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from cliptune.data import ImageCaptions, flatten_captions
+from cliptune.images import ImageError, ImageTransform, normalize_pixels, open_rgb
+from cliptune.metrics import retrieval_metrics
+from cliptune.model import ContrastiveModel, Preprocessing
+
+
+@dataclass
+class SplitEmbeddings:
+    image_emb: torch.Tensor  # (n_images, D), L2-normalised, float32, CPU
+    text_emb: torch.Tensor  # (n_texts, D), L2-normalised, float32, CPU
+    text_image_index: torch.Tensor  # (n_texts,) long: the image of each caption
+    texts: list[str]
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, records: list[ImageCaptions], transform: ImageTransform, max_pixels: int, image_source=None):
+        self.records, self.transform, self.max_pixels, self.image_source = records, transform, max_pixels, image_source
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        path = self.records[index].image_path
+        if self.image_source is not None:
+            image = self.image_source.get_pil(path)
+        else:
+            image = open_rgb(path, self.max_pixels, draft_size=self.transform.size * 2)
+        return self.transform(image)
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def embed_images(model: ContrastiveModel, records: list[ImageCaptions], preprocessing: Preprocessing,
+                 device: torch.device, batch_size: int = 64, num_workers: int = 0, max_pixels: int = 100_000_000,
+                 precision: str = "fp32", image_source=None, progress: bool = True) -> torch.Tensor:
+    """(n_images, D) L2-normalised float32 embeddings, in record order. Unreadable images raise ImageError:
+    evaluation sets are checked first (`pipeline.scan_images`) so a metric never silently drops one."""
+    dataset = _ImageFiles(records, ImageTransform(preprocessing.image_size), max_pixels, image_source)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False,
+                        generator=torch.Generator())  # leaves the global RNG (dropout's) untouched
+    model.eval()
+    chunks = []
+    for pixels in tqdm(loader, desc="embedding images", disable=not progress, leave=False):
+        pixels = normalize_pixels(pixels.to(device, non_blocking=True), preprocessing.image_mean, preprocessing.image_std)
+        with autocast_context(device, precision):
+            features = model.encode_images(pixels)
+        chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
+    return torch.cat(chunks) if chunks else torch.empty(0, 0)
+
+
+@torch.no_grad()
+def embed_texts(model: ContrastiveModel, texts: list[str], preprocessing: Preprocessing, device: torch.device,
+                batch_size: int = 256, precision: str = "fp32", progress: bool = True) -> torch.Tensor:
+    """(n_texts, D) L2-normalised float32 embeddings. Captions are sorted by length so each batch
+    pads little, then returned in the original order."""
+    model.eval()
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out: torch.Tensor | None = None
+    for start in tqdm(range(0, len(texts), batch_size), desc="embedding captions", disable=not progress, leave=False):
+        index = order[start: start + batch_size]
+        batch = preprocessing.tokenize([texts[i] for i in index])
+        with autocast_context(device, precision):
+            features = model.encode_texts(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        features = torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+        if out is None:
+            out = torch.empty(len(texts), features.shape[1])
+        out[index] = features
+    return out if out is not None else torch.empty(0, 0)
+
+
+def embed_split(model: ContrastiveModel, records: list[ImageCaptions], preprocessing: Preprocessing,
+                device: torch.device, batch_size: int = 64, num_workers: int = 0, max_pixels: int = 100_000_000,
+                precision: str = "fp32", image_source=None, progress: bool = True) -> SplitEmbeddings:
+    texts, index = flatten_captions(records)
+    return SplitEmbeddings(
+        image_emb=embed_images(model, records, preprocessing, device, batch_size, num_workers, max_pixels,
+                               precision, image_source, progress),
+        text_emb=embed_texts(model, texts, preprocessing, device, max(batch_size, 128), precision, progress),
+        text_image_index=torch.tensor(index, dtype=torch.long),
+        texts=texts,
+    )
+
+
+def score_embeddings(embeddings: SplitEmbeddings) -> dict[str, float]:
+    return retrieval_metrics(embeddings.image_emb, embeddings.text_emb, embeddings.text_image_index)
+
+
+def top_captions(embeddings: SplitEmbeddings, image_index: int, k: int = 5) -> list[tuple[int, float]]:
+    """The k best captions for one image: (caption index, cosine)."""
+    scores = embeddings.text_emb @ embeddings.image_emb[image_index]  # (n_texts,)
+    values, indices = scores.topk(min(k, len(scores)))
+    return [(int(i), float(v)) for i, v in zip(indices, values)]
+
+
+__all__ = ["SplitEmbeddings", "embed_images", "embed_texts", "embed_split", "score_embeddings", "top_captions",
+           "autocast_context", "ImageError"]
