@@ -94,6 +94,60 @@ def _demo(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace, extra: list[str]) -> int:
+    from cliptune.export import export_model, measure_quantization
+
+    if args.quantize and not args.onnx:
+        raise ConfigError("export --quantize: int8 quantisation applies to the ONNX encoders; add --onnx")
+    adapter = Path(args.adapter) if args.adapter else None
+    result = export_model(args.model, Path(args.out), adapter=adapter, onnx=args.onnx, quantize=args.quantize,
+                          metrics_path=Path(args.metrics) if args.metrics else None)
+    weights = {"merged model": "model.safetensors", "image_encoder.onnx": "onnx/image_encoder.onnx",
+               "text_encoder.onnx": "onnx/text_encoder.onnx", "image_encoder.int8.onnx": "onnx/image_encoder.int8.onnx",
+               "text_encoder.int8.onnx": "onnx/text_encoder.int8.onnx"}
+    for label, name in weights.items():
+        if name in result.files:
+            print(f"{label:24s} {result.files[name] / 1e6:8.2f} MB")
+    print(f"exported to {result.out_dir} ({result.size_mb():.1f} MB in all; model card README.md)")
+    if args.quantize and args.eval_data:
+        from cliptune.config import DataConfig
+        from cliptune.data import read_split
+
+        records, _ = read_split(DataConfig(path=args.eval_data), args.split)
+        if args.max_images:
+            records = records[: args.max_images]
+        print(measure_quantization(result.out_dir / "onnx", records).describe())
+    return 0
+
+
+def _index(args: argparse.Namespace, extra: list[str]) -> int:
+    from cliptune.search import Index, OnnxEmbedder, TorchEmbedder
+
+    if bool(args.model) == bool(args.onnx):
+        raise ConfigError("index: give either --model (with optional --adapter) or --onnx")
+    if args.onnx:
+        embedder = OnnxEmbedder(Path(args.onnx), quantized=args.int8, batch_size=args.batch_size)
+    else:
+        embedder = TorchEmbedder(args.model, args.adapter, device=args.device, batch_size=args.batch_size)
+    index = Index.build(Path(args.photos), Path(args.out), embedder, approximate=args.approximate,
+                        shard_size=args.shard_size)
+    skipped = index.meta["skipped"]
+    print(f"indexed {len(index.paths)} photos into {args.out} ({index.meta['dim']}-d, "
+          f"{args.approximate or 'exact'}); {len(skipped)} unreadable skipped")
+    for item in skipped[:10]:
+        print(f"  skipped {item['reason']}")
+    return 0
+
+
+def _search(args: argparse.Namespace, extra: list[str]) -> int:
+    from cliptune.search import Index
+
+    index = Index.load(Path(args.index))
+    for path, score in index.search(args.query, args.k):
+        print(f"{score:7.4f}  {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cliptune", description="LoRA fine-tuning for CLIP-family models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -123,6 +177,37 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
     demo.add_argument("--quick", action="store_true", help="a much shorter run (seconds), for smoke tests")
     demo.set_defaults(handler=_demo)
+
+    export = sub.add_parser("export", help="merge an adapter into its base model; optionally ONNX and int8")
+    export.add_argument("--model", required=True, help="base model: hub id or folder")
+    export.add_argument("--adapter", help="adapter folder to merge (default: export the base model)")
+    export.add_argument("--out", required=True, help="export folder")
+    export.add_argument("--onnx", action="store_true", help="also write onnx/image_encoder.onnx, text_encoder.onnx")
+    export.add_argument("--quantize", action="store_true", help="also int8 (dynamic) versions of the ONNX encoders")
+    export.add_argument("--metrics", help="metrics.json for the model card (default: next to the adapter's run)")
+    export.add_argument("--eval-data", help="with --quantize: annotations to measure int8's R@1 change and speed-up")
+    export.add_argument("--split", default="val", help="split of --eval-data (default val)")
+    export.add_argument("--max-images", type=int, help="measure on the first N images only")
+    export.set_defaults(handler=_export)
+
+    index = sub.add_parser("index", help="embed a photo folder (recursively) into a searchable FAISS index")
+    index.add_argument("photos", help="folder of photos")
+    index.add_argument("--out", required=True, help="index folder (resumes an interrupted build)")
+    index.add_argument("--model", help="base model or merged export folder (PyTorch)")
+    index.add_argument("--adapter", help="adapter folder on top of --model")
+    index.add_argument("--onnx", help="ONNX export folder (onnxruntime, no torch)")
+    index.add_argument("--int8", action="store_true", help="with --onnx: use the int8 encoders")
+    index.add_argument("--approximate", choices=["hnsw", "ivf"], help="approximate index (default exact)")
+    index.add_argument("--batch-size", type=int, default=32)
+    index.add_argument("--shard-size", type=int, default=256, help="images per resumable shard")
+    index.add_argument("--device", default="cpu", help="PyTorch device for --model")
+    index.set_defaults(handler=_index)
+
+    search = sub.add_parser("search", help="the photos of an index that best match a sentence or an image")
+    search.add_argument("index", help="index folder from `cliptune index`")
+    search.add_argument("query", help="a sentence, or the path of an image")
+    search.add_argument("-k", type=int, default=5, help="number of results")
+    search.set_defaults(handler=_search)
     return parser
 
 

@@ -106,6 +106,8 @@ def load_model(cfg: ModelConfig) -> tuple[ContrastiveModel, Preprocessing]:
     if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise ModelLoadError(f"model.name: folder {name!r} does not exist")
     kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    import cliptune.dual_encoder  # noqa: F401  registers the composed model type with AutoConfig
+
     try:
         config = transformers.AutoConfig.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:
@@ -134,7 +136,7 @@ def _family(config, name: str) -> tuple[str, type]:
 def _preprocessing(name: str, family: str, config, tokenizer, kwargs: dict) -> Preprocessing:
     if family == "dual":
         size, mean, std = config.image_size, tuple(config.image_mean), tuple(config.image_std)
-        max_length = min(tokenizer.model_max_length, config.text_config.get("max_position_embeddings", 512))
+        max_length = min(tokenizer.model_max_length, config.max_text_length)
     else:
         size = config.vision_config.image_size
         mean, std = (SIGLIP_MEAN, SIGLIP_STD) if family == "siglip" else (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)

@@ -168,6 +168,10 @@ def generate_scenes(
     Each jsonl line is `{"image": "images/train_0000.png", "captions": [5 strings], "split": "train"|"val"}`,
     with image paths relative to the jsonl's folder. The same seed gives byte-identical files.
     """
+    if n_train < 0 or n_val < 0:
+        raise ValueError(f"n_train and n_val must be >= 0, got {n_train} and {n_val}")
+    if image_size < 32:
+        raise ValueError(f"image_size must be at least 32 pixels, got {image_size}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     records = []

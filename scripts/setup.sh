@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Creates .venv with cliptune installed. `--dev` adds the test tools.
+#
+# torch comes first: on these machines `pip install torch==2.13.0` takes a CPU wheel already on disk;
+# without it pip would resolve `torch` to a multi-GB CUDA build. A Python that already has torch
+# (a GPU machine, a conda env) keeps its own: the venv then sees the system site-packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+extras=""
+[ "${1:-}" = "--dev" ] && extras="[dev]"
+
+if [ ! -x .venv/bin/python ]; then
+  if "$PYTHON" -c "import torch" 2>/dev/null; then
+    "$PYTHON" -m venv --system-site-packages .venv
+  else
+    "$PYTHON" -m venv .venv
+  fi
+fi
+py=.venv/bin/python
+"$py" -m pip install -q --upgrade pip >/dev/null
+if ! "$py" -c "import torch" 2>/dev/null; then
+  "$py" -m pip install -q torch==2.13.0 \
+    || "$py" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+fi
+"$py" -m pip install -q -e ".$extras"
+echo "cliptune installed in .venv ($("$py" -c 'import torch; print("torch", torch.__version__)'))"

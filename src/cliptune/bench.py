@@ -1,0 +1,395 @@
+"""`cliptune bench`: how fast cliptune's path is, each number beside the naive loop measured in the same run.
+
+The naive loop is the seed notebook's: decode the JPEG in the training loop and run HF's
+`CLIPImageProcessor`, pad every caption to 77 tokens, use `CLIPModel(..., return_loss=True)`, fp32.
+cliptune's path: uint8 pixels read from the image cache (`cliptune.cache`), captions padded to the
+batch's longest, `cliptune.loss.clip_loss`, and bf16 autocast when it measures faster here.
+Timings on a shared machine are noisy: compare the ratios (`speedup_*`), which come from one run.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cliptune.cache import ImageCache, build_cache
+from cliptune.config import DataConfig, LoraSettings, ModelConfig
+from cliptune.data import ImageCaptions, read_split
+from cliptune.evaluate import autocast_context, embed_images, embed_texts
+from cliptune.images import ImageTransform, normalize_pixels, open_rgb
+from cliptune.lora import apply_lora
+from cliptune.loss import clip_loss
+from cliptune.model import RANDOM_VIT_B_32, ContrastiveModel, Preprocessing, load_model
+from cliptune.pipeline import PairCollator, PairDataset, StepBatchSampler, epoch_pairs, tokenize_captions
+
+COCO_MINI = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "coco-mini"
+NAIVE_TEXT_LENGTH = 77  # the seed notebook pads every caption to CLIP's full context
+
+
+@dataclass
+class BenchOptions:
+    model: str = RANDOM_VIT_B_32
+    """Model to time: `random:clip-vit-b-32` (ViT-B/32 shapes, no download) or a CLIP folder / hub id."""
+    data: Path = COCO_MINI
+    """Folder with COCO-format `captions_train.json` and its images."""
+    device: str = "auto"
+    batch: int = 8
+    """Micro-batch of the training step (pairs)."""
+    eval_batch: int = 32
+    steps: int | None = None
+    """Timed steps per measurement (after one warm-up). Default 2 with `short`, else 8."""
+    short: bool = False
+    """Tiny step and image counts: a smoke test that finishes in well under a minute on a CPU."""
+    sweep: bool = False
+    """Also time channels-last and torch.compile (slow to compile) on the model-only step."""
+    cache_size: int | None = None
+    """Side of the cached squares; default the model input + 1/7 (256 for 224)."""
+    workers: int = 0
+    """DataLoader workers of cliptune's end-to-end path (cache reads are cheap; 0 leaves the cores to the model)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rate(fn: Callable[[], int], steps: int, warmup: int, device: torch.device) -> float:
+    """Items per second of `fn` (which returns how many items it processed), after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    started, items = time.perf_counter(), 0
+    for _ in range(steps):
+        items += fn()
+    _sync(device)
+    return items / (time.perf_counter() - started)
+
+
+class _PeakMemory:
+    """Peak memory of a phase: CUDA's allocator peak on a GPU, else the process RSS sampled every 5 ms."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mb = device, 0.0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        import psutil
+
+        process, self._stop = psutil.Process(), threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak_mb = max(self.peak_mb, process.memory_info().rss / 2**20)
+                self._stop.wait(0.005)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def _image_processor(preprocessing: Preprocessing):
+    import transformers
+
+    size = preprocessing.image_size
+    return transformers.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                           image_mean=list(preprocessing.image_mean),
+                                           image_std=list(preprocessing.image_std))
+
+
+def _naive_decode(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+class _Bench:
+    def __init__(self, options: BenchOptions):
+        self.options = options
+        self.device = resolve_device(options.device)
+        self.steps = options.steps or (2 if options.short else 8)
+        self.warmup = 1
+        self.results: dict = {}
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    def setup(self, cache_dir: Path) -> None:
+        opts = self.options
+        records, _ = read_split(DataConfig(path=str(Path(opts.data) / "captions_{split}.json")), "train")
+        self.records: list[ImageCaptions] = records[:24] if opts.short else records
+        torch.manual_seed(0)
+        self.model, self.preprocessing = load_model(ModelConfig(name=opts.model))
+        if self.model.family != "clip":
+            raise ValueError(f"bench: {opts.model!r} is a {self.model.family} model; the naive baseline "
+                             "(CLIPModel(return_loss=True)) needs a CLIP model")
+        self.parameters = apply_lora(self.model, opts.lora)
+        self.model.to(self.device).train()
+        self.size = self.preprocessing.image_size
+        cache_size = opts.cache_size or self.size * 8 // 7
+        started = time.perf_counter()
+        stats = build_cache(self.records, cache_dir, cache_size, workers=os.cpu_count(), progress=False)
+        self.results["cache_build_images_per_s"] = round(stats.total / (time.perf_counter() - started), 1)
+        self.cache = ImageCache.open(cache_dir)
+        self.processor = _image_processor(self.preprocessing)
+        self.tokens = tokenize_captions(self.records, self.preprocessing)
+        self.transform = ImageTransform(self.size)
+
+    def _optimizer(self, fused: bool) -> torch.optim.Optimizer:
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(trainable, lr=1e-5, fused=fused or None)
+
+    def _batch_records(self, step: int) -> list[ImageCaptions]:
+        start = (step * self.options.batch) % len(self.records)
+        return [self.records[(start + i) % len(self.records)] for i in range(self.options.batch)]
+
+    # -- input pipeline ---------------------------------------------------------------------------------
+
+    def input_pipeline(self) -> None:
+        paths = [r.image_path for r in self.records]
+        transform, size, processor = self.transform, self.size, self.processor
+        max_pixels = 100_000_000
+
+        def loop(fn):
+            def run():
+                for path in paths:
+                    fn(path)
+                return len(paths)
+            return run
+
+        rates = {
+            "naive_pil_clipimageprocessor": loop(lambda p: processor(images=_naive_decode(p), return_tensors="pt")),
+            "decode_open_rgb_transform": loop(lambda p: transform(open_rgb(p, max_pixels))),
+            "decode_draft_open_rgb_transform": loop(lambda p: transform(open_rgb(p, max_pixels, draft_size=2 * size))),
+            "cache_get_pil_transform": loop(lambda p: transform(self.cache.get_pil(p))),
+            "cache_get_array": loop(lambda p: torch.from_numpy(self.cache.get_array(p))),
+        }
+        repeats = 1 if self.options.short else 2
+        out = {name: round(_rate(fn, repeats, 0 if self.options.short else 1, torch.device("cpu")), 1)
+               for name, fn in rates.items()}
+        self.results["input_images_per_s"] = out
+        self.results["speedup_cache_read_vs_decode"] = round(out["cache_get_array"] / out["decode_open_rgb_transform"], 1)
+        self.results["speedup_cache_transform_vs_decode"] = round(
+            out["cache_get_pil_transform"] / out["decode_open_rgb_transform"], 1)
+        self.results["speedup_cache_transform_vs_naive"] = round(
+            out["cache_get_pil_transform"] / out["naive_pil_clipimageprocessor"], 1)
+
+    # -- training step on pre-made tensors ----------------------------------------------------------------
+
+    def _naive_tensors(self, records: list[ImageCaptions]) -> dict[str, torch.Tensor]:
+        pixels = self.processor(images=[_naive_decode(r.image_path) for r in records], return_tensors="pt")
+        text = self.preprocessing.tokenizer([r.captions[0] for r in records], padding="max_length", truncation=True,
+                                            max_length=NAIVE_TEXT_LENGTH, return_tensors="pt")
+        return {"pixel_values": pixels["pixel_values"], "input_ids": text["input_ids"],
+                "attention_mask": text["attention_mask"]}
+
+    def _naive_step(self, optimizer, batch: dict[str, torch.Tensor]) -> int:
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        loss = self.model.net(**batch, return_loss=True).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return len(batch["input_ids"])
+
+    def _fast_tensors(self, step: int) -> dict[str, torch.Tensor]:
+        batch = PairCollator(self.tokens)([self._dataset()[(0, i, 0)] for i in self._batch_indices(step)])
+        return batch
+
+    def _batch_indices(self, step: int) -> list[int]:
+        start = (step * self.options.batch) % len(self.records)
+        return [(start + i) % len(self.records) for i in range(self.options.batch)]
+
+    def _dataset(self) -> PairDataset:
+        return PairDataset(self.records, self.tokens, self.transform, 0, 100_000_000, image_source=self.cache)
+
+    def _fast_step(self, optimizer, batch: dict, precision: str, channels_last: bool = False, model=None) -> int:
+        model = model or self.model
+        pixels = normalize_pixels(batch["pixels"].to(self.device, non_blocking=True),
+                                  self.preprocessing.image_mean, self.preprocessing.image_std)
+        if channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        with autocast_context(self.device, precision):
+            image, text = model(pixels, batch["input_ids"].to(self.device, non_blocking=True),
+                                batch["attention_mask"].to(self.device, non_blocking=True))
+        ids = batch["image_ids"].to(self.device)
+        loss = clip_loss(image, text, self.model.logit_scale.exp(), ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return len(ids)
+
+    def model_step(self) -> None:
+        fused = self.device.type == "cuda"
+        naive_batch = self._naive_tensors(self._batch_records(0))
+        fast_batch = self._fast_tensors(0)
+        rates, memory = {}, {}
+        with _PeakMemory(self.device) as peak:
+            optimizer = self._optimizer(False)
+            rates["naive_fp32_pad77_return_loss"] = _rate(lambda: self._naive_step(optimizer, naive_batch),
+                                                          self.steps, self.warmup, self.device)
+        memory["naive"] = peak.peak_mb
+        candidates = ["fp32", "bf16"] if self.device.type == "cpu" else ["bf16"]
+        for precision in candidates:
+            with _PeakMemory(self.device) as peak:
+                optimizer = self._optimizer(fused)
+                rates[f"cliptune_{precision}"] = _rate(lambda: self._fast_step(optimizer, fast_batch, precision),
+                                                       self.steps, self.warmup, self.device)
+            memory[f"cliptune_{precision}"] = peak.peak_mb
+        if self.device.type == "cuda":
+            optimizer = self._optimizer(False)
+            rates["cliptune_bf16_unfused_adamw"] = _rate(lambda: self._fast_step(optimizer, fast_batch, "bf16"),
+                                                         self.steps, self.warmup, self.device)
+        self.precision = max(candidates, key=lambda p: rates[f"cliptune_{p}"])
+        if self.options.sweep:
+            optimizer = self._optimizer(fused)
+            rates[f"cliptune_{self.precision}_channels_last"] = _rate(
+                lambda: self._fast_step(optimizer, fast_batch, self.precision, channels_last=True),
+                self.steps, self.warmup, self.device)
+            try:
+                compiled = torch.compile(self.model)
+                started = time.perf_counter()
+                self._fast_step(optimizer, fast_batch, self.precision, model=compiled)
+                self.results["torch_compile_first_step_s"] = round(time.perf_counter() - started, 1)
+                rates[f"cliptune_{self.precision}_torch_compile"] = _rate(
+                    lambda: self._fast_step(optimizer, fast_batch, self.precision, model=compiled),
+                    self.steps, self.warmup, self.device)
+            except Exception as err:  # compile needs a C++ toolchain; report instead of failing the bench
+                self.results["torch_compile_error"] = f"{type(err).__name__}: {str(err)[:200]}"
+        self.results["train_step_model_only_pairs_per_s"] = {k: round(v, 2) for k, v in rates.items()}
+        self.results["fast_path_precision"] = self.precision
+        self.results["speedup_train_model_only"] = round(
+            rates[f"cliptune_{self.precision}"] / rates["naive_fp32_pad77_return_loss"], 2)
+        self.results["speedup_bf16_vs_fp32_model_only"] = (
+            round(rates["cliptune_bf16"] / rates["cliptune_fp32"], 2) if "cliptune_fp32" in rates else None)
+        self.results["peak_memory_mb_train_step"] = {k: round(v) for k, v in memory.items()}
+
+    # -- end to end: data loading + step ----------------------------------------------------------------
+
+    def end_to_end(self) -> None:
+        fused = self.device.type == "cuda"
+        counter = iter(range(10**9))
+
+        def naive():
+            optimizer = naive.optimizer
+            return self._naive_step(optimizer, self._naive_tensors(self._batch_records(next(counter))))
+
+        batches = self._fast_batches()
+
+        def fast():
+            return self._fast_step(fast.optimizer, next(batches), self.precision)
+
+        rates, memory = {}, {}
+        with _PeakMemory(self.device) as peak:
+            naive.optimizer = self._optimizer(False)
+            rates["naive"] = _rate(naive, self.steps, self.warmup, self.device)
+        memory["naive"] = peak.peak_mb
+        with _PeakMemory(self.device) as peak:
+            fast.optimizer = self._optimizer(fused)
+            rates["cliptune"] = _rate(fast, self.steps, self.warmup, self.device)
+        memory["cliptune"] = peak.peak_mb
+        self.results["train_end_to_end_pairs_per_s"] = {k: round(v, 2) for k, v in rates.items()}
+        self.results["speedup_train_end_to_end"] = round(rates["cliptune"] / rates["naive"], 2)
+        self.results["peak_memory_mb_end_to_end"] = {k: round(v) for k, v in memory.items()}
+
+    def _fast_batches(self) -> Iterator[dict]:
+        """The trainer's loader (PairDataset over the cache, StepBatchSampler, PairCollator), epoch after epoch."""
+        from torch.utils.data import DataLoader
+
+        dataset = self._dataset()
+        steps_per_epoch = len(self.records) // self.options.batch
+        for epoch in range(10**6):
+            pairs = epoch_pairs(self.records, "sample", 0, epoch)
+            sampler = StepBatchSampler(pairs, epoch, steps_per_epoch, 0, self.options.batch, 1, 0, 1)
+            yield from DataLoader(dataset, batch_sampler=sampler, collate_fn=PairCollator(self.tokens),
+                                  num_workers=self.options.workers, pin_memory=self.device.type == "cuda",
+                                  generator=torch.Generator())
+
+    # -- evaluation encoding ----------------------------------------------------------------------------
+
+    def evaluation(self) -> None:
+        records = self.records[: 16 if self.options.short else 64]
+        texts = [r.captions[0] for r in records]
+        batch = self.options.eval_batch
+        net = self.model.net
+
+        @torch.no_grad()
+        def naive():
+            self.model.eval()
+            for start in range(0, len(records), batch):
+                chunk = records[start: start + batch]
+                pixels = self.processor(images=[_naive_decode(r.image_path) for r in chunk], return_tensors="pt")
+                net.get_image_features(pixel_values=pixels["pixel_values"].to(self.device))
+                text = self.preprocessing.tokenizer(texts[start: start + batch], padding="max_length", truncation=True,
+                                                    max_length=NAIVE_TEXT_LENGTH, return_tensors="pt")
+                net.get_text_features(input_ids=text["input_ids"].to(self.device),
+                                      attention_mask=text["attention_mask"].to(self.device))
+            return len(records)
+
+        def fast():
+            embed_images(self.model, records, self.preprocessing, self.device, batch, 0, precision=self.precision,
+                         image_source=self.cache, progress=False)
+            embed_texts(self.model, texts, self.preprocessing, self.device, batch, self.precision, progress=False)
+            return len(records)
+
+        repeats = 1 if self.options.short else 2
+        rates = {"naive": _rate(naive, repeats, 1, self.device), "cliptune": _rate(fast, repeats, 1, self.device)}
+        self.model.train()
+        self.results["eval_encode_pairs_per_s"] = {k: round(v, 2) for k, v in rates.items()}
+        self.results["speedup_eval_encode"] = round(rates["cliptune"] / rates["naive"], 2)
+
+
+def run_bench(options: BenchOptions) -> dict:
+    """Run every measurement and return one JSON-ready dict (see docs/speed.md for the keys)."""
+    started = time.perf_counter()
+    random.seed(0)
+    np.random.seed(0)
+    bench = _Bench(options)
+    with tempfile.TemporaryDirectory(prefix="cliptune-bench-") as cache_dir:
+        bench.setup(Path(cache_dir))
+        bench.results.update({
+            "model": options.model, "device": str(bench.device), "torch": torch.__version__,
+            "cpu_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "machine": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name(bench.device) if bench.device.type == "cuda" else None,
+            "micro_batch": options.batch, "timed_steps": bench.steps, "images": len(bench.records),
+            "trainable_parameters": bench.parameters.trainable, "total_parameters": bench.parameters.total,
+            "short": options.short,
+        })
+        bench.input_pipeline()
+        bench.model_step()
+        bench.end_to_end()
+        bench.evaluation()
+        del bench.cache
+    if bench.device.type == "cpu":
+        import resource
+
+        bench.results["peak_rss_mb_process"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    bench.results["bench_seconds"] = round(time.perf_counter() - started, 1)
+    return bench.results
+
+
+__all__ = ["BenchOptions", "run_bench", "resolve_device"]

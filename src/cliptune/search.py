@@ -1,0 +1,381 @@
+"""Photo search: embed a folder once into a FAISS index, then query it with a sentence or an image.
+
+Two embedders behind one interface (`Embedder`): `TorchEmbedder` runs a base model, base + adapter,
+or a merged export folder through `load_model`; `OnnxEmbedder` runs an ONNX export folder with
+onnxruntime and never imports torch, so a search service needs neither torch nor peft.
+
+Index folder:
+    index.faiss   inner product over L2-normalised float32 (cosine); flat, HNSW or IVF
+    meta.json     photo root and relative paths (row order), embedder spec, dims, skipped files + reasons
+    parts/        resumable build: one .npy (+ .json of kept/skipped paths) per shard of images, done.txt
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MAX_PIXELS = 100_000_000
+INDEX_FILE = "index.faiss"
+META_FILE = "meta.json"
+# What `cliptune.export` writes (defined here so that reading an export never imports torch).
+ONNX_DIR = "onnx"
+IMAGE_ONNX = "image_encoder.onnx"
+TEXT_ONNX = "text_encoder.onnx"
+PREPROCESSING_FILE = "preprocessing.json"
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names the file and why."""
+
+
+# -- decoding (torch-free) --------------------------------------------------------------------------
+# cliptune.images holds the same logic but imports torch at module level; the ONNX path must not.
+# Both embedders decode through these, so an index's embeddings do not depend on the backend.
+
+def open_rgb(path: Path, max_pixels: int = MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
+    """`path` decoded to upright 8-bit RGB, or ImageError naming the file and the reason."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError(f"{path}: empty file (0 bytes)")
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.width * image.height > max_pixels:
+                    raise ImageError(f"{path}: {image.width}x{image.height} pixels exceeds {max_pixels} "
+                                     "(possible decompression bomb)")
+                if draft_size is not None and image.format == "JPEG":
+                    image.draft("RGB", (draft_size, draft_size))
+                image.load()
+                return _to_rgb(ImageOps.exif_transpose(image))
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError(f"{path}: refused as a decompression bomb ({err})") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image PIL can read") from None
+    except OSError as err:
+        raise ImageError(f"{path}: unreadable image ({err})") from None
+    except (ValueError, SyntaxError) as err:
+        raise ImageError(f"{path}: corrupt image ({err})") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        high = array.max() if array.size else 1.0
+        scale = 255.0 / (65535.0 if high > 255 else 255.0)
+        return Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """CLIP's eval transform (as cliptune.images.resize_center_crop): shorter side to `size`, centre square."""
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def pixel_batch(images: Sequence[Image.Image], size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """RGB images -> float32 (B, 3, size, size) normalised as the model was trained."""
+    arrays = np.stack([np.asarray(resize_center_crop(im, size), dtype=np.uint8) for im in images])  # (B, H, W, 3)
+    pixels = arrays.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+    mean_a = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    std_a = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
+    return (pixels - mean_a) / std_a
+
+
+def _as_images(images: Sequence[Path | str | Image.Image], size: int) -> list[Image.Image]:
+    return [im if isinstance(im, Image.Image) else open_rgb(Path(im), draft_size=size * 2) for im in images]
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+# -- embedders --------------------------------------------------------------------------------------
+
+class Embedder(Protocol):
+    spec: dict[str, Any]   # enough to load the same embedder again (`load_embedder`)
+    dim: int
+    image_size: int
+
+    def embed_images(self, images: Sequence[Path | str | Image.Image]) -> np.ndarray:
+        """(B, D) float32, L2-normalised. Paths are decoded with `open_rgb` (ImageError if unreadable)."""
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """(B, D) float32, L2-normalised."""
+
+
+class TorchEmbedder:
+    """A base model, base + adapter, or merged export folder, run with PyTorch."""
+
+    def __init__(self, model: str, adapter: str | Path | None = None, device: str = "cpu", batch_size: int = 32):
+        import torch
+
+        from cliptune.export import load_merged_model
+
+        self._torch = torch
+        self.model, self.preprocessing = load_merged_model(model, Path(adapter) if adapter else None)
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.batch_size = batch_size
+        self.image_size = self.preprocessing.image_size
+        self.spec = {"kind": "torch", "model": str(Path(model).resolve()) if Path(model).exists() else model,
+                     "adapter": str(Path(adapter).resolve()) if adapter else None}
+        self.dim = int(self.embed_texts(["a"]).shape[1])
+
+    def embed_images(self, images):
+        p = self.preprocessing
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            batch = pixel_batch(_as_images(images[start:start + self.batch_size], self.image_size),
+                                p.image_size, p.image_mean, p.image_std)
+            with self._torch.no_grad():
+                features = self.model.encode_images(self._torch.from_numpy(batch).to(self.device))
+            out.append(features.float().cpu().numpy())
+        return _normalise(np.concatenate(out)) if out else np.empty((0, 0), np.float32)
+
+    def embed_texts(self, texts):
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            tokens = self.preprocessing.tokenize(list(texts[start:start + self.batch_size]))
+            with self._torch.no_grad():
+                features = self.model.encode_texts(tokens["input_ids"].to(self.device),
+                                                   tokens["attention_mask"].to(self.device))
+            out.append(features.float().cpu().numpy())
+        return _normalise(np.concatenate(out)) if out else np.empty((0, 0), np.float32)
+
+
+class OnnxEmbedder:
+    """An ONNX export folder (`cliptune export --onnx`), run with onnxruntime; torch is never imported."""
+
+    def __init__(self, onnx_dir: str | Path, quantized: bool = False, batch_size: int = 32, threads: int | None = None):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        folder = Path(onnx_dir)
+        if not (folder / PREPROCESSING_FILE).is_file() and (folder / ONNX_DIR / PREPROCESSING_FILE).is_file():
+            folder = folder / ONNX_DIR  # the export folder itself was given
+        if not (folder / PREPROCESSING_FILE).is_file():
+            raise FileNotFoundError(f"{onnx_dir}: no {PREPROCESSING_FILE}; export with `cliptune export --onnx`")
+        self.settings = json.loads((folder / PREPROCESSING_FILE).read_text(encoding="utf-8"))
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        suffix = ".int8.onnx" if quantized else ".onnx"
+        names = {"image": IMAGE_ONNX.replace(".onnx", suffix), "text": TEXT_ONNX.replace(".onnx", suffix)}
+        for name in names.values():
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder / name} is missing" + (" (export with --quantize)" if quantized else ""))
+        providers = ["CPUExecutionProvider"]
+        self.image_session = ort.InferenceSession(str(folder / names["image"]), options, providers=providers)
+        self.text_session = ort.InferenceSession(str(folder / names["text"]), options, providers=providers)
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        max_length = int(self.settings["max_text_length"])
+        self.tokenizer.enable_truncation(max_length)
+        pad = {"pad_id": int(self.settings["pad_token_id"]), "pad_token": self.settings.get("pad_token") or "[PAD]"}
+        self.tokenizer.enable_padding(length=max_length if self.settings["pad_to_max_length"] else None, **pad)
+        self.batch_size = batch_size
+        self.image_size = int(self.settings["image_size"])
+        self.dim = int(self.settings["embedding_dim"])
+        self.spec = {"kind": "onnx", "dir": str(folder.resolve()), "quantized": quantized}
+
+    def embed_images(self, images):
+        s = self.settings
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            batch = pixel_batch(_as_images(images[start:start + self.batch_size], self.image_size),
+                                self.image_size, s["mean"], s["std"])
+            out.append(self.image_session.run(None, {"pixel_values": batch})[0])
+        return _normalise(np.concatenate(out)) if out else np.empty((0, self.dim), np.float32)
+
+    def embed_texts(self, texts):
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            encodings = self.tokenizer.encode_batch(list(texts[start:start + self.batch_size]))
+            input_ids = np.asarray([e.ids for e in encodings], dtype=np.int64)
+            attention_mask = np.asarray([e.attention_mask for e in encodings], dtype=np.int64)
+            out.append(self.text_session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0])
+        return _normalise(np.concatenate(out)) if out else np.empty((0, self.dim), np.float32)
+
+
+def load_embedder(spec: dict[str, Any], batch_size: int = 32) -> Embedder:
+    """The embedder an index was built with, from its `meta.json` spec."""
+    if spec["kind"] == "onnx":
+        return OnnxEmbedder(spec["dir"], quantized=spec.get("quantized", False), batch_size=batch_size)
+    if spec["kind"] == "torch":
+        return TorchEmbedder(spec["model"], spec.get("adapter"), batch_size=batch_size)
+    raise ValueError(f"unknown embedder kind {spec['kind']!r} (expected 'torch' or 'onnx')")
+
+
+# -- the index ---------------------------------------------------------------------------------------
+
+def list_images(root: Path) -> list[Path]:
+    """Image files under `root`, recursively, in a stable order (shards depend on it)."""
+    return sorted(p for p in Path(root).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _faiss_index(embeddings: np.ndarray, approximate: str | None):
+    import faiss
+
+    n, dim = embeddings.shape
+    if approximate is None:
+        index = faiss.IndexFlatIP(dim)
+    elif approximate == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = 64
+    elif approximate == "ivf":
+        # ~sqrt(n) lists, with at least 39 training points per list as faiss asks.
+        nlist = max(1, min(int(math.sqrt(n)), n // 39))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(embeddings)
+        index.nprobe = min(nlist, 8)
+    else:
+        raise ValueError(f"approximate: {approximate!r} is not one of hnsw, ivf")
+    index.add(embeddings)
+    return index
+
+
+@dataclass
+class Index:
+    root: Path                       # the index folder
+    photo_root: Path
+    paths: list[str]                 # relative to photo_root, one per row of the FAISS index
+    meta: dict[str, Any]
+    faiss_index: Any
+    embedder: Embedder | None = field(default=None, repr=False)
+
+    @classmethod
+    def build(cls, photos: Path, out_dir: Path, embedder: Embedder, approximate: str | None = None,
+              shard_size: int = 256, progress: bool = True, max_shards: int | None = None) -> Index:
+        """Embed every image under `photos` into `out_dir`. Shards already done (an interrupted build
+        with the same embedder and file list) are reused. `max_shards` stops early (for tests/benchmarks)."""
+        from tqdm.auto import tqdm
+
+        photos, out_dir = Path(photos).resolve(), Path(out_dir)
+        files = list_images(photos)
+        rel = [str(p.relative_to(photos)) for p in files]
+        parts = out_dir / "parts"
+        plan = {"photo_root": str(photos), "files": rel, "embedder": embedder.spec, "shard_size": shard_size}
+        plan_file = parts / "plan.json"
+        if plan_file.is_file() and json.loads(plan_file.read_text(encoding="utf-8")) != plan:
+            log.warning("%s: photos, embedder or shard size changed since the last build; starting over", out_dir)
+            shutil.rmtree(parts)
+        parts.mkdir(parents=True, exist_ok=True)
+        plan_file.write_text(json.dumps(plan), encoding="utf-8")
+        done_file = parts / "done.txt"
+        done = set(done_file.read_text(encoding="utf-8").split()) if done_file.is_file() else set()
+        n_shards = math.ceil(len(files) / shard_size)
+        bar = tqdm(total=len(files), desc="indexing photos", disable=not progress, unit="img")
+        built = 0
+        for shard in range(n_shards):
+            name = f"{shard:05d}"
+            chunk = files[shard * shard_size:(shard + 1) * shard_size]
+            if name in done:
+                bar.update(len(chunk))
+                continue
+            if max_shards is not None and built >= max_shards:
+                bar.close()
+                raise InterruptedError(f"stopped after {built} new shard(s); run again to resume")
+            images, kept, skipped = [], [], []
+            for path in chunk:
+                try:
+                    images.append(open_rgb(path, draft_size=embedder.image_size * 2))
+                    kept.append(str(path.relative_to(photos)))
+                except ImageError as err:
+                    skipped.append([str(path.relative_to(photos)), str(err)])
+                bar.update(1)
+            embeddings = embedder.embed_images(images) if images else np.empty((0, embedder.dim), np.float32)
+            np.save(parts / f"{name}.npy", embeddings.astype(np.float32))
+            (parts / f"{name}.json").write_text(json.dumps({"kept": kept, "skipped": skipped}), encoding="utf-8")
+            with open(done_file, "a", encoding="utf-8") as handle:  # written last: a shard counts once complete
+                handle.write(name + "\n")
+            built += 1
+        bar.close()
+        chunks, paths, skipped = [], [], []
+        for shard in range(n_shards):
+            name = f"{shard:05d}"
+            chunks.append(np.load(parts / f"{name}.npy"))
+            record = json.loads((parts / f"{name}.json").read_text(encoding="utf-8"))
+            paths += record["kept"]
+            skipped += record["skipped"]
+        embeddings = np.concatenate(chunks) if chunks else np.empty((0, embedder.dim), np.float32)
+        if len(paths) == 0:
+            raise ValueError(f"{photos}: no readable images ({len(skipped)} unreadable)")
+        index = _faiss_index(np.ascontiguousarray(embeddings, dtype=np.float32), approximate)
+        import faiss
+
+        faiss.write_index(index, str(out_dir / INDEX_FILE))
+        meta = {"photo_root": str(photos), "paths": paths, "embedder": embedder.spec, "dim": int(embeddings.shape[1]),
+                "count": len(paths), "approximate": approximate, "nprobe": getattr(index, "nprobe", None),
+                "skipped": [{"path": p, "reason": r} for p, r in skipped]}
+        (out_dir / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        return cls(out_dir, photos, paths, meta, index, embedder)
+
+    @classmethod
+    def load(cls, root: Path, embedder: Embedder | None = None) -> Index:
+        """Open an index; its embedder is loaded from meta.json on the first search unless given."""
+        import faiss
+
+        root = Path(root)
+        if not (root / META_FILE).is_file():
+            raise FileNotFoundError(f"{root}: not an index (no {META_FILE}); build one with `cliptune index`")
+        meta = json.loads((root / META_FILE).read_text(encoding="utf-8"))
+        index = faiss.read_index(str(root / INDEX_FILE))
+        if meta.get("nprobe"):
+            index.nprobe = meta["nprobe"]
+        return cls(root, Path(meta["photo_root"]), meta["paths"], meta, index, embedder)
+
+    def embed_query(self, query: str | Path | Image.Image) -> np.ndarray:
+        if self.embedder is None:
+            self.embedder = load_embedder(self.meta["embedder"])
+        if isinstance(query, Image.Image) or (Path(query).suffix.lower() in IMAGE_EXTENSIONS and Path(query).is_file()):
+            return self.embedder.embed_images([query])
+        return self.embedder.embed_texts([str(query)])
+
+    def search(self, query: str | Path | Image.Image, k: int = 5) -> list[tuple[str, float]]:
+        """The k best photos for a sentence, an image file or a PIL image: (path, cosine), best first."""
+        vector = self.embed_query(query)  # (1, D)
+        scores, rows = self.faiss_index.search(np.ascontiguousarray(vector, dtype=np.float32), min(k, len(self.paths)))
+        return [(str(self.photo_root / self.paths[r]), float(s)) for s, r in zip(scores[0], rows[0]) if r >= 0]
+
+
+def time_search(index: Index, queries: Sequence[str], k: int = 5) -> float:
+    """Mean seconds per query (embedding + FAISS search), after one warm-up query."""
+    index.search(queries[0], k)
+    start = time.perf_counter()
+    for query in queries:
+        index.search(query, k)
+    return (time.perf_counter() - start) / len(queries)

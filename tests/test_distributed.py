@@ -1,0 +1,104 @@
+"""Two gloo processes on CPU give one process's loss and LoRA gradients on the concatenated batch,
+through `Trainer.train_step` (accelerate's Accelerator + DDP via `_wrap_ddp`)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from cliptune.config import load_config
+from cliptune.train import Trainer
+
+TEXTS = ["a red circle", "a blue square", "a photo of a dog", "red square",
+         "a blue dog", "a circle photo", "dog of a photo", "square circle"]
+IDS = (0, 1, 2, 2, 3, 4, 5, 0)  # duplicates inside a rank and across ranks
+
+
+def make_trainer(model_dir: str, accumulation: str, micro: int, accum: int) -> Trainer:
+    config = load_config(None, {"model.name": model_dir, "train.device": "cpu", "lora.r": 4, "lora.dropout": 0.0,
+                                "train.accumulation": accumulation, "train.micro_batch_size": micro,
+                                "train.grad_accum_steps": accum})
+    trainer = Trainer(config, progress=False)
+    trainer.setup_model()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # non-zero B, so every LoRA factor gets a gradient
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.5)
+    trainer.model.train()
+    trainer.ddp_model = trainer._wrap_ddp()
+    trainer.scaler = None
+    return trainer
+
+
+def make_batches(trainer: Trainer, rows: range, micro: int) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    size = trainer.preprocessing.image_size
+    pixels = torch.randint(0, 256, (len(TEXTS), 3, size, size), dtype=torch.uint8, generator=g)
+    rows = list(rows)
+    batches = []
+    for start in range(0, len(rows), micro):
+        idx = rows[start: start + micro]
+        tokens = trainer.preprocessing.tokenize([TEXTS[i] for i in idx])
+        batches.append({"pixels": pixels[idx], "input_ids": tokens["input_ids"],
+                        "attention_mask": tokens["attention_mask"], "image_ids": torch.tensor([IDS[i] for i in idx])})
+    return batches
+
+
+def step_result(trainer: Trainer, batches: list[dict], accumulation: str) -> dict:
+    trainer.config.train.accumulation = accumulation
+    loss = trainer.train_step(batches)
+    trainer._sync_scale_grads()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.model.zero_grad(set_to_none=True)
+    return {"loss": loss, "grads": grads}
+
+
+def _worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    torch.set_num_threads(1)
+    trainer = make_trainer(model_dir, "exact", micro=2, accum=2)
+    assert trainer.accelerator.num_processes == world
+    assert trainer.ddp_model is not trainer.model  # really wrapped in DDP
+    share = len(TEXTS) // world
+    batches = make_batches(trainer, range(rank * share, (rank + 1) * share), micro=2)
+    results = {mode: step_result(trainer, batches, mode) for mode in ("exact", "plain")}
+    torch.save(results, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tiny_clip_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ddp") / "result.pt")
+    mp.spawn(_worker, args=(2, _free_port(), str(tiny_clip_dir), out), nprocs=2, join=True)
+    return [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+
+
+@pytest.mark.parametrize("accumulation", ["exact", "plain"])
+def test_two_processes_equal_one_process_on_the_concatenated_batch(tiny_clip_dir, two_process_results, accumulation):
+    single = make_trainer(str(tiny_clip_dir), accumulation, micro=4, accum=2)
+    if accumulation == "exact":
+        # One process, all 8 pairs: the global batch.
+        expected = step_result(single, make_batches(single, range(8), micro=4), accumulation)
+    else:
+        # Plain: micro-batch i of the step is the union of every rank's i-th micro-batch (rank-major).
+        batches = [make_batches(single, [0, 1, 4, 5], micro=4)[0], make_batches(single, [2, 3, 6, 7], micro=4)[0]]
+        expected = step_result(single, batches, accumulation)
+    for results in two_process_results:
+        result = results[accumulation]
+        assert torch.allclose(result["loss"], expected["loss"], atol=1e-5)
+        assert result["grads"].keys() == expected["grads"].keys()
+        for name, grad in expected["grads"].items():
+            scale = grad.abs().max().clamp_min(1e-6)
+            assert (result["grads"][name] - grad).abs().max() <= 1e-5 * scale, name

@@ -1,0 +1,175 @@
+"""Export: merged == base + adapter through plain transformers; ONNX == PyTorch; int8 runs; model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import make_image_folder_dataset
+from PIL import Image
+
+from cliptune.config import LoraSettings, ModelConfig
+from cliptune.export import export_model, load_merged_model, measure_quantization
+from cliptune.lora import apply_lora, save_adapter
+from cliptune.model import load_model
+from cliptune.search import OnnxEmbedder, TorchEmbedder
+
+
+def save_tiny_dual(out: Path, tok) -> Path:
+    from cliptune.dual_encoder import DualEncoderConfig, DualEncoderModel, save_composed
+
+    torch.manual_seed(0)
+    text = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, intermediate_size=37, max_position_embeddings=64).to_dict()
+    model = DualEncoderModel(DualEncoderConfig(vision_config={"backbone": "efficientnet_lite0"}, text_config=text,
+                                               projection_dim=16, image_size=32, max_text_length=24)).eval()
+    return save_composed(model, tok, out)
+
+
+def save_random_adapter(base: str, out: Path, seed: int = 1) -> Path:
+    """A LoRA adapter with non-zero B (a fresh one is the identity) and perturbed trained heads."""
+    model, _ = load_model(ModelConfig(name=base))
+    apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.net.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    save_adapter(model, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_dual_dir(tmp_path_factory, tokenizer) -> Path:
+    return save_tiny_dual(tmp_path_factory.mktemp("tiny-dual"), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def bases(tiny_clip_dir, tiny_siglip_dir, tiny_dual_dir) -> dict[str, Path]:
+    return {"clip": tiny_clip_dir, "siglip": tiny_siglip_dir, "dual": tiny_dual_dir}
+
+
+def _inputs(preprocessing, n: int = 3):
+    torch.manual_seed(2)
+    size = preprocessing.image_size
+    pixels = torch.randn(n, 3, size, size)
+    tokens = preprocessing.tokenize(["a dog", "two red cars parked by a very big house near the sea", "sky"][:n])
+    return pixels, tokens["input_ids"], tokens["attention_mask"]
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip", "dual"])
+def test_merged_model_matches_base_plus_adapter_in_plain_transformers(family, bases, tmp_path):
+    base = str(bases[family])
+    adapter = save_random_adapter(base, tmp_path / "adapter")
+    reference, preprocessing = load_merged_model(base, None)
+    from cliptune.lora import load_adapter
+
+    load_adapter(reference, adapter)  # unmerged PeftModel
+    pixels, ids, mask = _inputs(preprocessing)
+    with torch.no_grad():
+        ref_image, ref_text = reference.encode_images(pixels), reference.encode_texts(ids, mask)
+        plain_base, _ = load_model(ModelConfig(name=base))
+        base_image = plain_base.encode_images(pixels)
+    # compare directions too: a random EfficientNet's raw features are tiny (~1e-10)
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    assert (unit(base_image) - unit(ref_image)).abs().max() > 1e-3, "adapter must change the model"
+
+    export_model(base, tmp_path / "merged", adapter=adapter)
+    if family == "dual":
+        import cliptune.dual_encoder  # noqa: F401  registers the model type with AutoModel
+    model_class = {"clip": transformers.CLIPModel, "siglip": transformers.SiglipModel,
+                   "dual": transformers.AutoModel}[family]
+    merged = model_class.from_pretrained(str(tmp_path / "merged")).eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    with torch.no_grad():
+        image = merged.get_image_features(pixel_values=pixels)
+        text = merged.get_text_features(input_ids=ids, attention_mask=mask)
+    image = image if isinstance(image, torch.Tensor) else image.pooler_output
+    text = text if isinstance(text, torch.Tensor) else text.pooler_output
+    assert (image - ref_image).abs().max() < 1e-5 and (unit(image) - unit(ref_image)).abs().max() < 1e-5
+    assert (text - ref_text).abs().max() < 1e-5 and (unit(text) - unit(ref_text)).abs().max() < 1e-5
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
+    assert tokenizer("a dog")["input_ids"] == preprocessing.tokenizer("a dog")["input_ids"]
+    if family != "dual":
+        processor = transformers.AutoImageProcessor.from_pretrained(str(tmp_path / "merged"))
+        assert tuple(processor.image_mean) == pytest.approx(preprocessing.image_mean)
+
+
+@pytest.fixture(scope="module", params=["clip", "siglip"])
+def onnx_export(request, bases, tmp_path_factory):
+    base = str(bases[request.param])
+    root = tmp_path_factory.mktemp(f"export-{request.param}")
+    adapter = save_random_adapter(base, root / "run" / "adapter")
+    (root / "run" / "metrics.json").write_text(json.dumps(
+        {"zero-shot": {"text_to_image_R@1": 10.0, "image_to_text_R@1": 12.0},
+         "fine-tuned": {"text_to_image_R@1": 30.0, "image_to_text_R@1": 33.0}}))
+    result = export_model(base, root / "out", adapter=adapter, onnx=True, quantize=True)
+    return base, adapter, result
+
+
+def test_onnx_matches_torch(onnx_export):
+    base, adapter, result = onnx_export
+    torch_embedder = TorchEmbedder(base, adapter)
+    onnx_embedder = OnnxEmbedder(result.out_dir / "onnx")
+    for n in (1, 3):
+        images = [Image.new("RGB", (40 + 9 * i, 37 + 5 * i), (30 * i, 200 - 40 * i, 90)) for i in range(n)]
+        assert np.abs(torch_embedder.embed_images(images) - onnx_embedder.embed_images(images)).max() < 1e-4
+        for texts in (["dog"] * n, ["a long caption about two dogs running on a sandy beach at dawn"] * n):
+            assert np.abs(torch_embedder.embed_texts(texts) - onnx_embedder.embed_texts(texts)).max() < 1e-4
+    # the raw sessions too: what a user of onnxruntime alone sees
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(result.out_dir / "onnx" / "image_encoder.onnx"))
+    pixels = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(torch_embedder.model.encode_images(torch.from_numpy(pixels)), dim=-1)
+    assert np.abs(session.run(None, {"pixel_values": pixels})[0] - expected.numpy()).max() < 1e-4
+
+
+def test_quantized_encoders_run(onnx_export):
+    _, _, result = onnx_export
+    fp32, int8 = OnnxEmbedder(result.out_dir, quantized=False), OnnxEmbedder(result.out_dir, quantized=True)
+    texts = ["a dog", "a red car by the sea"]
+    a, b = fp32.embed_texts(texts), int8.embed_texts(texts)
+    assert b.shape == a.shape and np.isfinite(b).all()
+    assert np.allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+    assert (a * b).sum(axis=1).min() > 0.9  # int8 is close to fp32, not equal
+    images = [Image.new("RGB", (33, 45), (200, 20, 20))]
+    assert int8.embed_images(images).shape == (1, fp32.dim)
+
+
+def test_model_card_front_matter_lora_and_metrics(onnx_export):
+    base, _, result = onnx_export
+    card = (result.out_dir / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "library_name: transformers" in front and f"base_model: {base}" in front and "- lora" in front
+    assert "| r | 4 |" in card and "| fine-tuned |" in card and "30.00" in card
+    assert "onnxruntime" in card
+    assert {"model.safetensors", "onnx/image_encoder.onnx", "onnx/text_encoder.int8.onnx",
+            "onnx/preprocessing.json"} <= set(result.files)
+
+
+def test_measure_quantization(onnx_export, tmp_path):
+    from cliptune.config import DataConfig
+    from cliptune.data import read_split
+
+    _, _, result = onnx_export
+    records, _ = read_split(DataConfig(path=str(make_image_folder_dataset(tmp_path))), "train")
+    report = measure_quantization(result.out_dir / "onnx", records, batch_size=4)
+    assert 0 <= report.int8["text_to_image_R@1"] <= 100 and report.speedup > 0
+    assert "int8 vs fp32" in report.describe()
+
+
+def test_export_cli(tiny_clip_dir, tmp_path, capsys):
+    from cliptune.cli import main
+
+    adapter = save_random_adapter(str(tiny_clip_dir), tmp_path / "adapter")
+    assert main(["export", "--model", str(tiny_clip_dir), "--adapter", str(adapter), "--out", str(tmp_path / "out"),
+                 "--onnx"]) == 0
+    assert (tmp_path / "out" / "onnx" / "text_encoder.onnx").is_file()
+    assert "MB" in capsys.readouterr().out
+    assert main(["export", "--model", str(tiny_clip_dir), "--out", str(tmp_path / "o2"), "--quantize"]) == 2

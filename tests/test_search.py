@@ -1,0 +1,183 @@
+"""Photo search: index/search round trip, resume, unreadable files, approximate indexes, ONNX without torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cliptune.search import Index, OnnxEmbedder, TorchEmbedder, open_rgb
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
+           "black": (10, 10, 10), "white": (245, 245, 245), "purple": (128, 0, 128), "orange": (255, 140, 0),
+           "cyan": (0, 220, 220), "pink": (255, 105, 180)}
+
+
+class ColourEmbedder:
+    """A transparent stand-in model: an image is its mean colour, a caption the colour it names."""
+
+    spec = {"kind": "test-colour"}
+    dim = 3
+    image_size = 16
+
+    def __init__(self):
+        self.images_embedded = 0
+
+    def embed_images(self, images):
+        self.images_embedded += len(images)
+        images = [im if isinstance(im, Image.Image) else open_rgb(im) for im in images]
+        return _unit(np.stack([np.asarray(im, dtype=np.float32).reshape(-1, 3).mean(0) for im in images]))
+
+    def embed_texts(self, texts):
+        return _unit(np.stack([np.asarray(next(c for n, c in COLOURS.items() if n in t), np.float32) for t in texts]))
+
+
+def _unit(x):
+    x = x.astype(np.float32) - 127.0  # centred: black and white point opposite ways
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def make_photos(root: Path) -> Path:
+    """One photo per colour, in nested folders and mixed formats."""
+    for i, (name, rgb) in enumerate(COLOURS.items()):
+        folder = root / ("sub" if i % 2 else "") / ("deeper" if i % 3 == 0 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40 + i, 30), rgb).save(folder / f"{name}.{['png', 'jpg', 'webp', 'bmp'][i % 4]}")
+    (root / "notes.txt").write_text("not a photo")
+    return root
+
+
+@pytest.fixture()
+def photos(tmp_path) -> Path:
+    return make_photos(tmp_path / "photos")
+
+
+def test_colour_query_finds_its_photo(photos, tmp_path):
+    index = Index.build(photos, tmp_path / "index", ColourEmbedder(), shard_size=3, progress=False)
+    assert len(index.paths) == len(COLOURS) and not index.meta["skipped"]
+    for name in COLOURS:
+        best, score = index.search(f"a {name} picture", k=3)[0]
+        assert Path(best).stem == name and score > 0.99
+    loaded = Index.load(tmp_path / "index", embedder=ColourEmbedder())
+    assert loaded.search("something blue", k=1)[0][0] == index.search("something blue", k=1)[0][0]
+    image_query = next(photos.rglob("orange.*"))
+    assert Path(loaded.search(image_query, k=1)[0][0]).stem == "orange"
+
+
+def test_unreadable_files_are_skipped_and_counted(photos, tmp_path):
+    (photos / "broken.jpg").write_bytes(b"this is not a jpeg")
+    (photos / "empty.png").write_bytes(b"")
+    index = Index.build(photos, tmp_path / "index", ColourEmbedder(), shard_size=4, progress=False)
+    assert len(index.paths) == len(COLOURS)
+    meta = json.loads((tmp_path / "index" / "meta.json").read_text())
+    assert sorted(item["path"] for item in meta["skipped"]) == ["broken.jpg", "empty.png"]
+    assert all(item["reason"] for item in meta["skipped"])
+
+
+def test_resume_reuses_finished_shards(photos, tmp_path):
+    first = ColourEmbedder()
+    with pytest.raises(InterruptedError):
+        Index.build(photos, tmp_path / "index", first, shard_size=4, progress=False, max_shards=2)
+    assert first.images_embedded == 8
+    second = ColourEmbedder()
+    resumed = Index.build(photos, tmp_path / "index", second, shard_size=4, progress=False)
+    assert second.images_embedded == 2  # only the last shard
+    fresh = Index.build(photos, tmp_path / "fresh", ColourEmbedder(), shard_size=4, progress=False)
+    assert resumed.paths == fresh.paths
+    # a changed folder invalidates the shards instead of misaligning them
+    Image.new("RGB", (30, 30), (1, 2, 3)).save(photos / "aaa-new.png")
+    third = ColourEmbedder()
+    Index.build(photos, tmp_path / "index", third, shard_size=4, progress=False)
+    assert third.images_embedded == len(COLOURS) + 1
+
+
+@pytest.mark.parametrize("approximate", ["hnsw", "ivf"])
+def test_approximate_indexes_agree_on_top1(photos, tmp_path, approximate):
+    index = Index.build(photos, tmp_path / approximate, ColourEmbedder(), approximate=approximate, progress=False)
+    loaded = Index.load(tmp_path / approximate, embedder=ColourEmbedder())
+    for name in COLOURS:
+        assert Path(loaded.search(name, k=1)[0][0]).stem == name
+    assert index.meta["approximate"] == approximate
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tiny_clip_dir, tmp_path_factory) -> Path:
+    from cliptune.export import export_model
+
+    return export_model(str(tiny_clip_dir), tmp_path_factory.mktemp("export"), onnx=True).out_dir / "onnx"
+
+
+def test_torch_and_onnx_indexes_agree(photos, tmp_path, tiny_clip_dir, onnx_dir):
+    torch_index = Index.build(photos, tmp_path / "t", TorchEmbedder(str(tiny_clip_dir)), progress=False)
+    onnx_index = Index.build(photos, tmp_path / "o", OnnxEmbedder(onnx_dir), progress=False)
+    assert torch_index.meta["embedder"]["kind"] == "torch" and onnx_index.meta["embedder"]["kind"] == "onnx"
+    query = next(photos.rglob("green.*"))
+    assert Path(Index.load(tmp_path / "o").search(query, k=1)[0][0]).stem == "green"  # embedder from meta.json
+    a, b = Index.load(tmp_path / "t").search("a dog", k=10), Index.load(tmp_path / "o").search("a dog", k=10)
+    assert np.allclose([s for _, s in a], [s for _, s in b], atol=1e-4)
+
+
+def test_onnx_search_never_imports_torch(photos, tmp_path, onnx_dir):
+    Index.build(photos, tmp_path / "index", OnnxEmbedder(onnx_dir), progress=False)
+    script = (
+        "import sys\n"
+        "from cliptune.search import Index\n"
+        f"hits = Index.load({str(tmp_path / 'index')!r}).search('a red photo', k=3)\n"
+        "assert len(hits) == 3, hits\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_index_and_search_cli(photos, tmp_path, onnx_dir, capsys):
+    from cliptune.cli import main
+
+    assert main(["index", str(photos), "--out", str(tmp_path / "index"), "--onnx", str(onnx_dir)]) == 0
+    assert "indexed 10 photos" in capsys.readouterr().out
+    assert main(["search", str(tmp_path / "index"), str(next(photos.rglob("pink.*"))), "-k", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and "pink" in lines[0]
+    assert main(["index", str(photos), "--out", str(tmp_path / "i2")]) == 2  # neither --model nor --onnx
+
+
+@pytest.mark.slow
+def test_coco_mini_caption_finds_its_photo(coco_mini, tmp_path):
+    """The issue's "done when": train briefly on coco-mini, index its val photos, search with a caption."""
+    from cliptune.config import load_config
+    from cliptune.data import read_split
+    from cliptune.demo import prepare_base_model
+    from cliptune.train import Trainer
+
+    base = prepare_base_model(tmp_path)
+    config = load_config(None, {
+        "model.name": str(base), "data.path": str(coco_mini / "captions_{split}.json"), "data.num_workers": 0,
+        "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.0, "lora.train_logit_scale": True,
+        "train.epochs": 3, "train.micro_batch_size": 32, "train.lr": 1e-3, "train.warmup_ratio": 0.1,
+        "train.save_every": 0, "train.eval_every": 0, "train.report": False,
+        "train.output_dir": str(tmp_path / "run")})
+    trainer = Trainer(config, progress=False)
+    trainer.setup()
+    result = trainer.train()
+    records, _ = read_split(config.data, "val")
+    photos = tmp_path / "val-photos"
+    photos.mkdir()
+    for record in records:
+        (photos / record.image_path.name).symlink_to(record.image_path)
+    index = Index.build(photos, tmp_path / "index", TorchEmbedder(str(base), result.adapter_dir), progress=False)
+    hits = 0
+    for record in records[:20]:
+        top = [Path(p).name for p, _ in index.search(record.captions[0], k=5)]
+        hits += record.image_path.name in top
+    start = time.perf_counter()
+    index.search(records[0].captions[0], k=5)
+    print(f"coco-mini val: {hits}/20 captions find their photo in the top 5; "
+          f"one search {1000 * (time.perf_counter() - start):.1f} ms over {len(index.paths)} photos")
+    assert index.search(records[0].captions[0], k=5)  # a result list
+    assert hits >= 8
