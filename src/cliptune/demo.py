@@ -19,14 +19,14 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "lora.alpha": 16,
     "lora.dropout": 0.0,
     "lora.train_logit_scale": True,
-    "train.epochs": 6,
+    "train.epochs": 5,
     "train.micro_batch_size": 32,
     "train.grad_accum_steps": 1,
     "train.lr": 1e-3,
     "train.warmup_ratio": 0.1,
     "train.save_every": 0,
     "train.log_every": 1,
-    "train.eval_every": 10,
+    "train.eval_every": 0,
     "data.num_workers": 2,
 }
 
@@ -57,7 +57,7 @@ def run_demo(options: DemoOptions, overrides: dict[str, Any] | None = None) -> T
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(DEMO_DEFAULTS)
     if options.data is None:
-        n_train, n_val = (48, 24) if options.quick else (240, 60)
+        n_train, n_val = (48, 24) if options.quick else (160, 50)
         settings["data.path"] = str(generate_scenes(out / "scenes", n_train=n_train, n_val=n_val, seed=0))
     else:
         settings["data.path"] = options.data

@@ -323,7 +323,9 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> torch.Tensor:
         """Forward + backward over one optimizer step's micro-batches; returns the loss (detached)."""
         inputs = [self._inputs(b) for b in micro_batches]
-        if self.config.train.accumulation == "plain":
+        # A single micro-batch is already the whole batch: exact and plain are the same computation,
+        # and the plain one encodes once instead of twice.
+        if self.config.train.accumulation == "plain" or len(inputs) == 1:
             losses = []
             for i, (pixels, ids, mask, image_ids) in enumerate(inputs):
                 with self._no_sync(i == len(inputs) - 1):
