@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,8 @@ def load_latest_checkpoint(root: Path) -> Checkpoint | None:
                 trainer_state=torch.load(path / STATE, map_location="cpu", weights_only=True),
                 counters=json.loads((path / COUNTERS).read_text(encoding="utf-8")),
             )
-        except (CheckpointError, OSError, RuntimeError, ValueError) as err:
+        # weights_only refuses a pickled object with UnpicklingError (not a RuntimeError): treat it as
+        # a bad checkpoint and fall back, rather than crash the resume.
+        except (CheckpointError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
             log.warning("skipping checkpoint %s: %s; trying the previous one", path.name, err)
     return None
