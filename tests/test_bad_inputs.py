@@ -136,8 +136,9 @@ def test_bad_image_skip_policy_counts_and_lists(tiny_clip_dir, tmp_path):
 def test_bad_image_fail_policy_names_the_file(tiny_clip_dir, tmp_path):
     from cliptune.train import TrainingError
 
-    with pytest.raises(TrainingError, match=r"1 unreadable training image.*001.png"):
+    with pytest.raises(TrainingError, match=r"(?s)1 unreadable training image.*001.png") as err:
         _setup_data(tiny_clip_dir, _dataset_with_a_bad_image(tmp_path), "fail")
+    assert str(err.value).count("001.png") == 1  # named once, not "path: path: why"
 
 
 # -- captions and annotation files -------------------------------------------------------------
@@ -238,14 +239,52 @@ def test_model_folder_that_does_not_exist(tmp_path):
         load_model(ModelConfig(name=str(tmp_path / "no-such-model")))
 
 
-def test_adapter_for_another_base_model_is_refused(tiny_clip_dir, tiny_siglip_dir, tmp_path):
+def _adapter_from(model_dir: Path, out: Path) -> Path:
     from cliptune.config import LoraSettings, ModelConfig
-    from cliptune.lora import apply_lora, load_adapter, save_adapter
+    from cliptune.lora import apply_lora, save_adapter
     from cliptune.model import load_model
 
-    siglip, _ = load_model(ModelConfig(name=str(tiny_siglip_dir)))
-    apply_lora(siglip, LoraSettings(r=2))
-    save_adapter(siglip, tmp_path / "siglip-adapter")
+    model, _ = load_model(ModelConfig(name=str(model_dir)))
+    apply_lora(model, LoraSettings(r=2))
+    save_adapter(model, out)
+    return out
+
+
+def test_adapter_for_a_different_width_model_is_refused(tiny_clip_dir, tokenizer, tmp_path):
+    import transformers
+
+    from cliptune.config import ModelConfig
+    from cliptune.lora import load_adapter
+    from cliptune.model import load_model
+    from conftest import tiny_clip_config
+
+    config = tiny_clip_config(tokenizer)
+    config.vision_config.hidden_size = config.text_config.hidden_size = 48
+    wide_dir = tmp_path / "wide"
+    transformers.CLIPModel(config).save_pretrained(wide_dir)
+    tokenizer.save_pretrained(wide_dir)
+    adapter = _adapter_from(wide_dir, tmp_path / "wide-adapter")
     clip, _ = load_model(ModelConfig(name=str(tiny_clip_dir)))
     with pytest.raises(ConfigError, match="does not fit this base model"):
-        load_adapter(clip, tmp_path / "siglip-adapter")
+        load_adapter(clip, adapter)
+
+
+@pytest.mark.xfail(strict=True, reason="lora.load_adapter ignores peft's missing/unexpected-key report: an adapter "
+                   "with other layer names but matching shapes loads silently (reported; lora.py not ours)")
+def test_adapter_with_other_layers_is_refused(tiny_clip_dir, tokenizer, tmp_path):
+    import transformers
+
+    from cliptune.config import ModelConfig
+    from cliptune.lora import load_adapter
+    from cliptune.model import load_model
+    from conftest import tiny_clip_config
+
+    config = tiny_clip_config(tokenizer)
+    config.vision_config.num_hidden_layers = config.text_config.num_hidden_layers = 3
+    deep_dir = tmp_path / "deep"
+    transformers.CLIPModel(config).save_pretrained(deep_dir)
+    tokenizer.save_pretrained(deep_dir)
+    adapter = _adapter_from(deep_dir, tmp_path / "deep-adapter")
+    clip, _ = load_model(ModelConfig(name=str(tiny_clip_dir)))
+    with pytest.raises(ConfigError, match="does not fit this base model"):
+        load_adapter(clip, adapter)

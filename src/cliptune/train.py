@@ -153,7 +153,7 @@ class Trainer:
                                 desc="checking train images")
         self.bad_images = bad
         if bad and cfg.data.bad_images == "fail":
-            listed = "\n  ".join(f"{p}: {why}" for p, why in bad[:20])
+            listed = "\n  ".join(why for _, why in bad[:20])  # each reason already names its file
             raise TrainingError(f"{len(bad)} unreadable training image(s) (data.bad_images=fail):\n  {listed}")
         if not good:
             raise TrainingError("no readable training images left")
@@ -530,7 +530,7 @@ class Trainer:
                 for b in micro:
                     for path, why in b.get("errors", []):
                         if self.config.data.bad_images == "fail":
-                            raise TrainingError(f"unreadable image during training: {path}: {why}")
+                            raise TrainingError(f"unreadable image during training: {why}")
                         log.warning("skipping unreadable image %s: %s", path, why)
                         self.bad_images.append((path, why))
                 micro = [b for b in micro if "pixels" in b]
