@@ -137,6 +137,7 @@ def load_adapter(model: ContrastiveModel, adapter_dir: Path, is_trainable: bool 
     if not adapter_dir.is_dir():
         raise ConfigError(f"adapter: folder {adapter_dir} does not exist")
     if (adapter_dir / "adapter_config.json").is_file():
+        _check_adapter_targets(model, adapter_dir)
         try:
             model.net = peft.PeftModel.from_pretrained(model.base, str(adapter_dir), is_trainable=is_trainable)
         except (ValueError, RuntimeError, KeyError) as err:
@@ -156,6 +157,29 @@ def load_adapter(model: ContrastiveModel, adapter_dir: Path, is_trainable: bool 
             model.logit_scale.copy_(scales["logit_scale"].reshape(model.logit_scale.shape))
             if model.logit_bias is not None and "logit_bias" in scales:
                 model.logit_bias.copy_(scales["logit_bias"].reshape(model.logit_bias.shape))
+
+
+def _check_adapter_targets(model: ContrastiveModel, adapter_dir: Path) -> None:
+    """PEFT loads an adapter whose layers are missing from the model without a word (same shapes,
+    other depth); refuse it instead, naming a layer the base model lacks."""
+    import re
+
+    from safetensors import safe_open
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        return
+    with safe_open(str(weights), framework="pt") as handle:
+        keys = list(handle.keys())
+    names = {name for name, _ in model.base.named_modules()}
+    for key in keys:
+        # base_model.model.<module path>.lora_A.weight  (or .lora_B / .lora_magnitude_vector / modules_to_save)
+        module = re.sub(r"^base_model\.model\.", "", key)
+        module = re.split(r"\.(lora_[A-Za-z_]+|modules_to_save)\b", module)[0]
+        module = re.sub(r"\.(weight|bias)$", "", module)
+        if module not in names:
+            raise ConfigError(f"adapter {adapter_dir} does not fit this base model: it holds weights for "
+                              f"{module!r}, which the model does not have")
 
 
 def set_adapter_scale(model: ContrastiveModel, scale: float) -> None:
