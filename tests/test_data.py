@@ -138,3 +138,27 @@ def test_flickr30k_layout_reports_missing_images(tmp_path):
         zf.writestr("flickr30k-images/1.jpg", b"x")
     with pytest.raises(FileNotFoundError, match="not in"):
         lay_out_flickr30k(csv_path, archive, tmp_path / "out")
+
+
+def test_cli_download_fetches_both_files_from_the_hub_dataset(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from cliptune.cli import main
+
+    rows = [("1.jpg", "train"), ("2.jpg", "val"), ("3.jpg", "test")]
+    csv_path = _flickr_csv(tmp_path / "flickr_annotations_30k.csv", rows)
+    archive = tmp_path / "flickr30k-images.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name, _ in rows:
+            zf.writestr(f"flickr30k-images/{name}", b"x")
+    asked = []
+
+    def fake_download(repo_id, filename, repo_type=None, revision=None):
+        asked.append((repo_id, filename, repo_type))
+        return str(csv_path if filename.endswith(".csv") else archive)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert main(["data", "download", "flickr30k", "--out", str(tmp_path / "out")]) == 0
+    assert asked == [("nlphuji/flickr30k", "flickr_annotations_30k.csv", "dataset"),
+                     ("nlphuji/flickr30k", "flickr30k-images.zip", "dataset")]
+    assert "{'train': 1, 'val': 1, 'test': 1}" in capsys.readouterr().out

@@ -148,6 +148,15 @@ def _search(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _data_download(args: argparse.Namespace, extra: list[str]) -> int:
+    from cliptune.download import download_flickr30k
+
+    layout = download_flickr30k(Path(args.out), revision=args.revision)
+    print(f"images per split: {layout.images_per_split}")
+    print("use in a config:\n" + layout.config_lines())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cliptune", description="LoRA fine-tuning for CLIP-family models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -208,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("query", help="a sentence, or the path of an image")
     search.add_argument("-k", type=int, default=5, help="number of results")
     search.set_defaults(handler=_search)
+    data = sub.add_parser("data", help="dataset tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    download = data_sub.add_parser("download", help="fetch a dataset from the Hugging Face hub and lay it out")
+    download.add_argument("dataset", choices=["flickr30k"])
+    download.add_argument("--out", default="data/flickr30k", help="target folder")
+    download.add_argument("--revision", help="hub revision to pin")
+    download.set_defaults(handler=_data_download)
     return parser
 
 
