@@ -252,11 +252,11 @@ def _adapter_from(model_dir: Path, out: Path) -> Path:
 
 def test_adapter_for_a_different_width_model_is_refused(tiny_clip_dir, tokenizer, tmp_path):
     import transformers
+    from conftest import tiny_clip_config
 
     from cliptune.config import ModelConfig
     from cliptune.lora import load_adapter
     from cliptune.model import load_model
-    from conftest import tiny_clip_config
 
     config = tiny_clip_config(tokenizer)
     config.vision_config.hidden_size = config.text_config.hidden_size = 48
@@ -271,11 +271,11 @@ def test_adapter_for_a_different_width_model_is_refused(tiny_clip_dir, tokenizer
 
 def test_adapter_with_other_layers_is_refused(tiny_clip_dir, tokenizer, tmp_path):
     import transformers
+    from conftest import tiny_clip_config
 
     from cliptune.config import ModelConfig
     from cliptune.lora import load_adapter
     from cliptune.model import load_model
-    from conftest import tiny_clip_config
 
     config = tiny_clip_config(tokenizer)
     config.vision_config.num_hidden_layers = config.text_config.num_hidden_layers = 3

@@ -4,7 +4,14 @@ import torch
 import transformers
 
 from cliptune.config import ConfigError, LoraSettings, ModelConfig
-from cliptune.lora import apply_lora, count_parameters, load_adapter, lora_module_names, save_adapter, set_adapter_scale
+from cliptune.lora import (
+    apply_lora,
+    count_parameters,
+    load_adapter,
+    lora_module_names,
+    save_adapter,
+    set_adapter_scale,
+)
 from cliptune.model import RANDOM_VIT_B_32, ContrastiveModel, load_model
 
 

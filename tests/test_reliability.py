@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_image_folder_dataset
 from safetensors.torch import load_file
 
 from cliptune import checkpoint as ckpt
 from cliptune.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint, verify_checkpoint
-from conftest import make_image_folder_dataset
 
 # ---------------------------------------------------------------------------------------------
 # A real `cliptune train` process, killed and resumed

@@ -157,6 +157,43 @@ def _data_download(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _data_cache(args: argparse.Namespace, extra: list[str]) -> int:
+    from cliptune.cache import build_cache
+    from cliptune.config import DataConfig
+    from cliptune.data import read_split
+
+    if bool(args.config) == bool(args.data):
+        raise ConfigError("data cache: give either --config or --data")
+    data = load_config(args.config, parse_overrides(extra)).data if args.config else DataConfig(path=args.data)
+    out = args.out or data.cache_dir
+    if not out:
+        raise ConfigError("data cache: no output folder: pass --out or set data.cache_dir in the config")
+    records = {}
+    for split in dict.fromkeys([data.train_split, data.val_split, data.test_split]):
+        try:
+            records[split], _ = read_split(data, split)
+        except ValueError as err:
+            print(f"split {split!r} skipped: {err}")
+    if not records:
+        raise ConfigError("data cache: no split could be read")
+    stats = build_cache(records, Path(out), size=args.size, workers=args.workers, max_pixels=data.max_image_pixels)
+    print(stats.describe())
+    print(f"train from it with  --data.cache_dir {out}")
+    return 0
+
+
+def _bench(args: argparse.Namespace, extra: list[str]) -> int:
+    import json
+
+    from cliptune.bench import COCO_MINI, BenchOptions, run_bench
+
+    options = BenchOptions(model=args.model, data=Path(args.data) if args.data else COCO_MINI, device=args.device,
+                           batch=args.batch, eval_batch=args.eval_batch, steps=args.steps, short=args.short,
+                           sweep=args.sweep, cache_size=args.cache_size, workers=args.workers)
+    print(json.dumps(run_bench(options), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cliptune", description="LoRA fine-tuning for CLIP-family models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -224,6 +261,29 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--out", default="data/flickr30k", help="target folder")
     download.add_argument("--revision", help="hub revision to pin")
     download.set_defaults(handler=_data_download)
+
+    cache = data_sub.add_parser("cache", help="decode and resize every image once into a memory-mapped cache")
+    cache.add_argument("--config", type=Path, help="YAML config: its data section (and data.cache_dir) are used")
+    cache.add_argument("--data", help="annotations instead of a config (data.path)")
+    cache.add_argument("--out", help="cache folder (default data.cache_dir)")
+    cache.add_argument("--size", type=int, default=256, help="side of the cached squares: the model input or a "
+                       "little more (256 for 224-px models, so random crops keep room)")
+    cache.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    cache.set_defaults(handler=_data_cache)
+
+    bench = sub.add_parser("bench", help="speed of cliptune's path beside the naive loop, as one JSON object")
+    bench.add_argument("--short", action="store_true", help="tiny step counts (a smoke test, < 1 min on a CPU)")
+    bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
+    bench.add_argument("--batch", type=int, default=8, help="training micro-batch (pairs)")
+    bench.add_argument("--eval-batch", type=int, default=32, help="evaluation batch")
+    bench.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 6; 1 with --short)")
+    bench.add_argument("--model", default="random:clip-vit-b-32", help="CLIP model to time (default ViT-B/32 shapes, "
+                       "random weights)")
+    bench.add_argument("--data", help="folder with COCO captions_train.json and images (default ../shared/data/coco-mini)")
+    bench.add_argument("--sweep", action="store_true", help="also time channels-last and torch.compile")
+    bench.add_argument("--cache-size", type=int, default=None, help="side of the cached squares (default input*8/7)")
+    bench.add_argument("--workers", type=int, default=0, help="DataLoader workers of cliptune's end-to-end path")
+    bench.set_defaults(handler=_bench)
     return parser
 
 

@@ -263,8 +263,7 @@ def _csv_rows(path: Path, required: tuple[str, ...]):
     missing = [c for c in required if c not in (reader.fieldnames or [])]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {reader.fieldnames}")
-    for line_no, row in enumerate(reader, start=2):
-        yield line_no, row
+    yield from enumerate(reader, start=2)  # line 1 is the header
 
 
 def flatten_captions(records: list[ImageCaptions]) -> tuple[list[str], list[int]]:

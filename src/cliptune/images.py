@@ -4,6 +4,9 @@ Every odd file a real dataset holds (CMYK, 16-bit, palette with transparency, EX
 truncated, a decompression bomb) is either normalised to 8-bit RGB here or refused with an
 `ImageError` that names the file and the reason. Normalisation by mean/std happens later, on the
 training device, so workers ship compact uint8 tensors.
+
+torch is imported only inside the two functions that make tensors: the ONNX search path decodes
+images through this module and must run where torch is not installed.
 """
 
 from __future__ import annotations
@@ -13,12 +16,15 @@ import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageEnhance, ImageFile, ImageOps, UnidentifiedImageError
 
 from cliptune.config import AugmentConfig
+
+if TYPE_CHECKING:
+    import torch
 
 # Truncated JPEGs must fail loudly, not decode half-grey into the training set.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -135,12 +141,16 @@ def _color_jitter(image: Image.Image, strength: float, rng: random.Random) -> Im
 
 
 def pil_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    import torch
+
     array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 
 def normalize_pixels(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float (B, 3, H, W) normalised as the model was trained."""
+    import torch
+
     mean_t = torch.tensor(mean, device=pixels.device, dtype=torch.float32).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=pixels.device, dtype=torch.float32).view(1, 3, 1, 1)
     return (pixels.float() / 255.0 - mean_t) / std_t

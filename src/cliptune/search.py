@@ -17,14 +17,15 @@ import logging
 import math
 import shutil
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image
+
+from cliptune.images import ImageError, open_rgb, resize_center_crop
 
 log = logging.getLogger(__name__)
 
@@ -37,73 +38,10 @@ ONNX_DIR = "onnx"
 IMAGE_ONNX = "image_encoder.onnx"
 TEXT_ONNX = "text_encoder.onnx"
 PREPROCESSING_FILE = "preprocessing.json"
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-class ImageError(ValueError):
-    """An image that cannot be used; the message names the file and why."""
-
-
-# -- decoding (torch-free) --------------------------------------------------------------------------
-# cliptune.images holds the same logic but imports torch at module level; the ONNX path must not.
-# Both embedders decode through these, so an index's embeddings do not depend on the backend.
-
-def open_rgb(path: Path, max_pixels: int = MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
-    """`path` decoded to upright 8-bit RGB, or ImageError naming the file and the reason."""
-    path = Path(path)
-    try:
-        if path.stat().st_size == 0:
-            raise ImageError(f"{path}: empty file (0 bytes)")
-    except FileNotFoundError:
-        raise ImageError(f"{path}: file not found") from None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                if image.width * image.height > max_pixels:
-                    raise ImageError(f"{path}: {image.width}x{image.height} pixels exceeds {max_pixels} "
-                                     "(possible decompression bomb)")
-                if draft_size is not None and image.format == "JPEG":
-                    image.draft("RGB", (draft_size, draft_size))
-                image.load()
-                return _to_rgb(ImageOps.exif_transpose(image))
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(f"{path}: refused as a decompression bomb ({err})") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image PIL can read") from None
-    except OSError as err:
-        raise ImageError(f"{path}: unreadable image ({err})") from None
-    except (ValueError, SyntaxError) as err:
-        raise ImageError(f"{path}: corrupt image ({err})") from None
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        high = array.max() if array.size else 1.0
-        scale = 255.0 / (65535.0 if high > 255 else 255.0)
-        return Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8)).convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """CLIP's eval transform (as cliptune.images.resize_center_crop): shorter side to `size`, centre square."""
-    width, height = image.size
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return image.crop((left, top, left + size, top + size))
+# Both embedders decode through cliptune.images (torch-free at import), so an index's embeddings
+# do not depend on the backend.
 
 
 def pixel_batch(images: Sequence[Image.Image], size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -116,7 +54,7 @@ def pixel_batch(images: Sequence[Image.Image], size: int, mean: Sequence[float],
 
 
 def _as_images(images: Sequence[Path | str | Image.Image], size: int) -> list[Image.Image]:
-    return [im if isinstance(im, Image.Image) else open_rgb(Path(im), draft_size=size * 2) for im in images]
+    return [im if isinstance(im, Image.Image) else open_rgb(Path(im), MAX_PIXELS, draft_size=size * 2) for im in images]
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -312,7 +250,7 @@ class Index:
             images, kept, skipped = [], [], []
             for path in chunk:
                 try:
-                    images.append(open_rgb(path, draft_size=embedder.image_size * 2))
+                    images.append(open_rgb(path, MAX_PIXELS, draft_size=embedder.image_size * 2))
                     kept.append(str(path.relative_to(photos)))
                 except ImageError as err:
                     skipped.append([str(path.relative_to(photos)), str(err)])

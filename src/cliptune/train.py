@@ -29,7 +29,7 @@ from cliptune.evaluate import autocast_context, embed_split, score_embeddings
 from cliptune.images import ImageTransform, normalize_pixels
 from cliptune.lora import ParameterCount, apply_lora, save_adapter
 from cliptune.loss import clip_loss, gather_ids, gather_with_grad, siglip_loss
-from cliptune.model import ContrastiveModel, Preprocessing, load_model
+from cliptune.model import ContrastiveModel, load_model
 from cliptune.pipeline import (
     PairCollator,
     PairDataset,
@@ -563,8 +563,7 @@ class Trainer:
                 if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == self.plan.total_steps):
                     record = {"step": self.step, "epoch": epoch, "train_loss": loss_value, "lr": lr,
                               "pairs_per_second": pairs / max(elapsed, 1e-9)}
-                    if self.device.type == "cuda":
-                        record["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                    record["peak_memory_gb"] = peak_memory_gb(self.device)
                     self.log_metrics(record)
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.accelerator.is_main_process:
                     metrics, _ = self.evaluate()
@@ -583,6 +582,15 @@ class Trainer:
         except OSError as err:
             log.error("checkpoint at step %d could not be written (%s); the previous one is intact, training goes on",
                       self.step, err)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory so far: allocated GPU memory on CUDA, the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def _open_cache(config: RunConfig):
