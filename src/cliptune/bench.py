@@ -1,7 +1,7 @@
 """`cliptune bench`: how fast cliptune's path is, each number beside the naive loop measured in the same run.
 
 The naive loop is the seed notebook's: decode the JPEG in the training loop and run HF's
-`CLIPImageProcessor`, pad every caption to 77 tokens, use `CLIPModel(..., return_loss=True)`, fp32.
+`CLIPImageProcessor`, pad every caption to the full context (77 tokens for CLIP), use `CLIPModel(..., return_loss=True)`, fp32.
 cliptune's path: uint8 pixels read from the image cache (`cliptune.cache`), captions padded to the
 batch's longest, `cliptune.loss.clip_loss`, and bf16 autocast when it measures faster here.
 Timings on a shared machine are noisy: compare the ratios (`speedup_*`), which come from one run.
@@ -9,6 +9,7 @@ Timings on a shared machine are noisy: compare the ratios (`speedup_*`), which c
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import random
@@ -30,11 +31,11 @@ from cliptune.evaluate import autocast_context, embed_images, embed_texts
 from cliptune.images import ImageTransform, normalize_pixels, open_rgb
 from cliptune.lora import apply_lora
 from cliptune.loss import clip_loss
-from cliptune.model import RANDOM_VIT_B_32, ContrastiveModel, Preprocessing, load_model
+from cliptune.model import RANDOM_VIT_B_32, Preprocessing, load_model
 from cliptune.pipeline import PairCollator, PairDataset, StepBatchSampler, epoch_pairs, tokenize_captions
 
 COCO_MINI = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "coco-mini"
-NAIVE_TEXT_LENGTH = 77  # the seed notebook pads every caption to CLIP's full context
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,16 +72,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _rate(fn: Callable[[], int], steps: int, warmup: int, device: torch.device) -> float:
-    """Items per second of `fn` (which returns how many items it processed), after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    started, items = time.perf_counter(), 0
+def _rates(fns: dict[str, Callable[[], int]], steps: int, warmup: int, device: torch.device,
+           memory: dict[str, float] | None = None) -> dict[str, float]:
+    """Items per second of each `fn` (which returns how many items it processed). The calls are
+    interleaved (a, b, a, b, ...) so that load from other processes slows every variant alike.
+    Warm-up calls run first, each variant's under a peak-memory probe when `memory` is given."""
+    for name, fn in fns.items():
+        with _PeakMemory(device) as peak:
+            for _ in range(warmup):
+                fn()
+            _sync(device)
+        if memory is not None:
+            memory[name] = round(peak.peak_mb)
+    seconds, items = dict.fromkeys(fns, 0.0), dict.fromkeys(fns, 0)
     for _ in range(steps):
-        items += fn()
-    _sync(device)
-    return items / (time.perf_counter() - started)
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            items[name] += fn()
+            _sync(device)
+            seconds[name] += time.perf_counter() - started
+    return {name: items[name] / seconds[name] for name in fns}
 
 
 class _PeakMemory:
@@ -114,6 +125,23 @@ class _PeakMemory:
             self._thread.join()
 
 
+def bf16_matmul_speedup(device: torch.device) -> float:
+    """fp32 time / bf16 time of a ViT-B-sized matmul. Without native bf16 (AVX-512 BF16 / AMX) a CPU
+    emulates it, tens of times slower: probe before timing whole training steps in bf16."""
+    a, w = torch.randn(128, 768, device=device), torch.randn(768, 768, device=device)
+    times = []
+    for dtype in (torch.float32, torch.bfloat16):
+        x, y = a.to(dtype), w.to(dtype)
+        x @ y
+        _sync(device)
+        started = time.perf_counter()
+        for _ in range(3):
+            x @ y
+        _sync(device)
+        times.append(time.perf_counter() - started)
+    return times[0] / times[1]
+
+
 def _image_processor(preprocessing: Preprocessing):
     import transformers
 
@@ -132,7 +160,7 @@ class _Bench:
     def __init__(self, options: BenchOptions):
         self.options = options
         self.device = resolve_device(options.device)
-        self.steps = options.steps or (2 if options.short else 8)
+        self.steps = options.steps or (1 if options.short else 6)
         self.warmup = 1
         self.results: dict = {}
 
@@ -141,13 +169,16 @@ class _Bench:
     def setup(self, cache_dir: Path) -> None:
         opts = self.options
         records, _ = read_split(DataConfig(path=str(Path(opts.data) / "captions_{split}.json")), "train")
-        self.records: list[ImageCaptions] = records[:24] if opts.short else records
+        records = records[:16] if opts.short else records
+        # A batch larger than the data set (batch 256 on a GPU) repeats images: each copy is its own pair.
+        self.records: list[ImageCaptions] = records * -(-opts.batch // len(records))
         torch.manual_seed(0)
         self.model, self.preprocessing = load_model(ModelConfig(name=opts.model))
         if self.model.family != "clip":
             raise ValueError(f"bench: {opts.model!r} is a {self.model.family} model; the naive baseline "
                              "(CLIPModel(return_loss=True)) needs a CLIP model")
         self.parameters = apply_lora(self.model, opts.lora)
+        log.info("bench: model loaded (%s)", self.parameters)
         self.model.to(self.device).train()
         self.size = self.preprocessing.image_size
         cache_size = opts.cache_size or self.size * 8 // 7
@@ -155,6 +186,11 @@ class _Bench:
         stats = build_cache(self.records, cache_dir, cache_size, workers=os.cpu_count(), progress=False)
         self.results["cache_build_images_per_s"] = round(stats.total / (time.perf_counter() - started), 1)
         self.cache = ImageCache.open(cache_dir)
+        if cache_size != self.size:  # a cache at the input size makes the transform a copy: no resize
+            build_cache(self.records, cache_dir / "exact", self.size, workers=os.cpu_count(), progress=False)
+            self.cache_exact = ImageCache.open(cache_dir / "exact")
+        else:
+            self.cache_exact = self.cache
         self.processor = _image_processor(self.preprocessing)
         self.tokens = tokenize_captions(self.records, self.preprocessing)
         self.transform = ImageTransform(self.size)
@@ -181,20 +217,22 @@ class _Bench:
                 return len(paths)
             return run
 
-        rates = {
+        fns = {
             "naive_pil_clipimageprocessor": loop(lambda p: processor(images=_naive_decode(p), return_tensors="pt")),
             "decode_open_rgb_transform": loop(lambda p: transform(open_rgb(p, max_pixels))),
             "decode_draft_open_rgb_transform": loop(lambda p: transform(open_rgb(p, max_pixels, draft_size=2 * size))),
             "cache_get_pil_transform": loop(lambda p: transform(self.cache.get_pil(p))),
+            "cache_at_input_size_get_pil_transform": loop(lambda p: transform(self.cache_exact.get_pil(p))),
             "cache_get_array": loop(lambda p: torch.from_numpy(self.cache.get_array(p))),
         }
-        repeats = 1 if self.options.short else 2
-        out = {name: round(_rate(fn, repeats, 0 if self.options.short else 1, torch.device("cpu")), 1)
-               for name, fn in rates.items()}
+        out = {name: round(rate, 1) for name, rate in
+               _rates(fns, 1 if self.options.short else 2, 0 if self.options.short else 1, torch.device("cpu")).items()}
         self.results["input_images_per_s"] = out
         self.results["speedup_cache_read_vs_decode"] = round(out["cache_get_array"] / out["decode_open_rgb_transform"], 1)
         self.results["speedup_cache_transform_vs_decode"] = round(
             out["cache_get_pil_transform"] / out["decode_open_rgb_transform"], 1)
+        self.results["speedup_cache_at_input_size_transform_vs_decode"] = round(
+            out["cache_at_input_size_get_pil_transform"] / out["decode_open_rgb_transform"], 1)
         self.results["speedup_cache_transform_vs_naive"] = round(
             out["cache_get_pil_transform"] / out["naive_pil_clipimageprocessor"], 1)
 
@@ -203,7 +241,7 @@ class _Bench:
     def _naive_tensors(self, records: list[ImageCaptions]) -> dict[str, torch.Tensor]:
         pixels = self.processor(images=[_naive_decode(r.image_path) for r in records], return_tensors="pt")
         text = self.preprocessing.tokenizer([r.captions[0] for r in records], padding="max_length", truncation=True,
-                                            max_length=NAIVE_TEXT_LENGTH, return_tensors="pt")
+                                            max_length=self.preprocessing.max_text_length, return_tensors="pt")
         return {"pixel_values": pixels["pixel_values"], "input_ids": text["input_ids"],
                 "attention_mask": text["attention_mask"]}
 
@@ -227,7 +265,7 @@ class _Bench:
         return PairDataset(self.records, self.tokens, self.transform, 0, 100_000_000, image_source=self.cache)
 
     def _fast_step(self, optimizer, batch: dict, precision: str, channels_last: bool = False, model=None) -> int:
-        model = model or self.model
+        model = model if model is not None else self.model
         pixels = normalize_pixels(batch["pixels"].to(self.device, non_blocking=True),
                                   self.preprocessing.image_mean, self.preprocessing.image_std)
         if channels_last:
@@ -246,37 +284,39 @@ class _Bench:
         fused = self.device.type == "cuda"
         naive_batch = self._naive_tensors(self._batch_records(0))
         fast_batch = self._fast_tensors(0)
-        rates, memory = {}, {}
-        with _PeakMemory(self.device) as peak:
-            optimizer = self._optimizer(False)
-            rates["naive_fp32_pad77_return_loss"] = _rate(lambda: self._naive_step(optimizer, naive_batch),
-                                                          self.steps, self.warmup, self.device)
-        memory["naive"] = peak.peak_mb
-        candidates = ["fp32", "bf16"] if self.device.type == "cpu" else ["bf16"]
-        for precision in candidates:
-            with _PeakMemory(self.device) as peak:
-                optimizer = self._optimizer(fused)
-                rates[f"cliptune_{precision}"] = _rate(lambda: self._fast_step(optimizer, fast_batch, precision),
-                                                       self.steps, self.warmup, self.device)
-            memory[f"cliptune_{precision}"] = peak.peak_mb
+        probe = bf16_matmul_speedup(self.device)
+        self.results["bf16_matmul_speedup_probe"] = round(probe, 3)
         if self.device.type == "cuda":
-            optimizer = self._optimizer(False)
-            rates["cliptune_bf16_unfused_adamw"] = _rate(lambda: self._fast_step(optimizer, fast_batch, "bf16"),
-                                                         self.steps, self.warmup, self.device)
+            candidates = ["bf16"] if torch.cuda.is_bf16_supported() else ["fp32"]
+        else:
+            candidates = ["fp32", "bf16"] if probe > 0.8 else ["fp32"]  # emulated bf16 is not worth timing
+        naive_optimizer = self._optimizer(False)
+        fns = {"naive_fp32_pad77_return_loss": lambda: self._naive_step(naive_optimizer, naive_batch)}
+        for precision in candidates:
+            optimizer = self._optimizer(fused)
+            fns[f"cliptune_{precision}"] = (lambda o, p: lambda: self._fast_step(o, fast_batch, p))(optimizer, precision)
+        if self.device.type == "cuda":
+            unfused = self._optimizer(False)
+            fns["cliptune_bf16_unfused_adamw"] = lambda: self._fast_step(unfused, fast_batch, "bf16")
+        memory: dict[str, float] = {}
+        rates = _rates(fns, self.steps, self.warmup, self.device, memory)
         self.precision = max(candidates, key=lambda p: rates[f"cliptune_{p}"])
         if self.options.sweep:
+            # Interleaved with the plain fast path again: two separate runs are not comparable on a shared machine.
+            plain, last = self._optimizer(fused), self._optimizer(fused)
+            pair = _rates({"plain": lambda: self._fast_step(plain, fast_batch, self.precision),
+                           "channels_last": lambda: self._fast_step(last, fast_batch, self.precision,
+                                                                    channels_last=True)},
+                          self.steps, self.warmup, self.device)
+            self.results["speedup_channels_last"] = round(pair["channels_last"] / pair["plain"], 2)
             optimizer = self._optimizer(fused)
-            rates[f"cliptune_{self.precision}_channels_last"] = _rate(
-                lambda: self._fast_step(optimizer, fast_batch, self.precision, channels_last=True),
-                self.steps, self.warmup, self.device)
             try:
                 compiled = torch.compile(self.model)
                 started = time.perf_counter()
                 self._fast_step(optimizer, fast_batch, self.precision, model=compiled)
                 self.results["torch_compile_first_step_s"] = round(time.perf_counter() - started, 1)
-                rates[f"cliptune_{self.precision}_torch_compile"] = _rate(
-                    lambda: self._fast_step(optimizer, fast_batch, self.precision, model=compiled),
-                    self.steps, self.warmup, self.device)
+                rates.update(_rates({f"cliptune_{self.precision}_torch_compile": lambda: self._fast_step(
+                    optimizer, fast_batch, self.precision, model=compiled)}, self.steps, self.warmup, self.device))
             except Exception as err:  # compile needs a C++ toolchain; report instead of failing the bench
                 self.results["torch_compile_error"] = f"{type(err).__name__}: {str(err)[:200]}"
         self.results["train_step_model_only_pairs_per_s"] = {k: round(v, 2) for k, v in rates.items()}
@@ -284,8 +324,9 @@ class _Bench:
         self.results["speedup_train_model_only"] = round(
             rates[f"cliptune_{self.precision}"] / rates["naive_fp32_pad77_return_loss"], 2)
         self.results["speedup_bf16_vs_fp32_model_only"] = (
-            round(rates["cliptune_bf16"] / rates["cliptune_fp32"], 2) if "cliptune_fp32" in rates else None)
-        self.results["peak_memory_mb_train_step"] = {k: round(v) for k, v in memory.items()}
+            round(rates["cliptune_bf16"] / rates["cliptune_fp32"], 2)
+            if "cliptune_fp32" in rates and "cliptune_bf16" in rates else None)
+        self.results["peak_memory_mb_train_step"] = memory
 
     # -- end to end: data loading + step ----------------------------------------------------------------
 
@@ -302,18 +343,12 @@ class _Bench:
         def fast():
             return self._fast_step(fast.optimizer, next(batches), self.precision)
 
-        rates, memory = {}, {}
-        with _PeakMemory(self.device) as peak:
-            naive.optimizer = self._optimizer(False)
-            rates["naive"] = _rate(naive, self.steps, self.warmup, self.device)
-        memory["naive"] = peak.peak_mb
-        with _PeakMemory(self.device) as peak:
-            fast.optimizer = self._optimizer(fused)
-            rates["cliptune"] = _rate(fast, self.steps, self.warmup, self.device)
-        memory["cliptune"] = peak.peak_mb
+        naive.optimizer, fast.optimizer = self._optimizer(False), self._optimizer(fused)
+        memory: dict[str, float] = {}
+        rates = _rates({"naive": naive, "cliptune": fast}, self.steps, self.warmup, self.device, memory)
         self.results["train_end_to_end_pairs_per_s"] = {k: round(v, 2) for k, v in rates.items()}
         self.results["speedup_train_end_to_end"] = round(rates["cliptune"] / rates["naive"], 2)
-        self.results["peak_memory_mb_end_to_end"] = {k: round(v) for k, v in memory.items()}
+        self.results["peak_memory_mb_end_to_end"] = memory
 
     def _fast_batches(self) -> Iterator[dict]:
         """The trainer's loader (PairDataset over the cache, StepBatchSampler, PairCollator), epoch after epoch."""
@@ -331,7 +366,7 @@ class _Bench:
     # -- evaluation encoding ----------------------------------------------------------------------------
 
     def evaluation(self) -> None:
-        records = self.records[: 16 if self.options.short else 64]
+        records = self.records[: 8 if self.options.short else 64]
         texts = [r.captions[0] for r in records]
         batch = self.options.eval_batch
         net = self.model.net
@@ -344,7 +379,7 @@ class _Bench:
                 pixels = self.processor(images=[_naive_decode(r.image_path) for r in chunk], return_tensors="pt")
                 net.get_image_features(pixel_values=pixels["pixel_values"].to(self.device))
                 text = self.preprocessing.tokenizer(texts[start: start + batch], padding="max_length", truncation=True,
-                                                    max_length=NAIVE_TEXT_LENGTH, return_tensors="pt")
+                                                    max_length=self.preprocessing.max_text_length, return_tensors="pt")
                 net.get_text_features(input_ids=text["input_ids"].to(self.device),
                                       attention_mask=text["attention_mask"].to(self.device))
             return len(records)
@@ -355,8 +390,8 @@ class _Bench:
             embed_texts(self.model, texts, self.preprocessing, self.device, batch, self.precision, progress=False)
             return len(records)
 
-        repeats = 1 if self.options.short else 2
-        rates = {"naive": _rate(naive, repeats, 1, self.device), "cliptune": _rate(fast, repeats, 1, self.device)}
+        rates = _rates({"naive": naive, "cliptune": fast}, 1 if self.options.short else 2,
+                       0 if self.options.short else 1, self.device)
         self.model.train()
         self.results["eval_encode_pairs_per_s"] = {k: round(v, 2) for k, v in rates.items()}
         self.results["speedup_eval_encode"] = round(rates["cliptune"] / rates["naive"], 2)
@@ -379,10 +414,9 @@ def run_bench(options: BenchOptions) -> dict:
             "trainable_parameters": bench.parameters.trainable, "total_parameters": bench.parameters.total,
             "short": options.short,
         })
-        bench.input_pipeline()
-        bench.model_step()
-        bench.end_to_end()
-        bench.evaluation()
+        for phase in (bench.input_pipeline, bench.model_step, bench.end_to_end, bench.evaluation):
+            log.info("bench: %s (%.0f s so far)", phase.__name__, time.perf_counter() - started)
+            phase()
         del bench.cache
     if bench.device.type == "cpu":
         import resource
