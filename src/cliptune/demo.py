@@ -26,7 +26,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "train.warmup_ratio": 0.1,
     "train.save_every": 0,
     "train.log_every": 1,
-    "train.eval_every": 0,
+    "train.eval_every": 5,
     "data.num_workers": 2,
 }
 

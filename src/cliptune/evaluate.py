@@ -14,9 +14,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from cliptune.data import ImageCaptions, flatten_captions
-from cliptune.images import ImageError, ImageTransform, normalize_pixels, open_rgb
+from cliptune.images import ImageError, ImageTransform, normalize_pixels
 from cliptune.metrics import retrieval_metrics
 from cliptune.model import ContrastiveModel, Preprocessing
+from cliptune.pipeline import decode_pixels
 
 
 @dataclass
@@ -35,12 +36,7 @@ class _ImageFiles(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        path = self.records[index].image_path
-        if self.image_source is not None:
-            image = self.image_source.get_pil(path)
-        else:
-            image = open_rgb(path, self.max_pixels, draft_size=self.transform.size * 2)
-        return self.transform(image)
+        return decode_pixels(self.records[index].image_path, self.transform, self.max_pixels, self.image_source)
 
 
 def autocast_context(device: torch.device, precision: str):

@@ -37,6 +37,7 @@ from cliptune.pipeline import (
     TokenizedCaptions,
     epoch_pairs,
     plan_steps,
+    scan_cached,
     scan_images,
     step_micro_batches,
     tokenize_captions,
@@ -149,8 +150,8 @@ class Trainer:
         cfg = self.config
         records, problems = read_split(cfg.data, cfg.data.train_split)
         self.annotation_problems: SplitProblems = problems
-        good, bad = scan_images(records, cfg.data.max_image_pixels, workers=max(2, cfg.data.num_workers),
-                                desc="checking train images")
+        self.image_source = _open_cache(cfg)
+        good, bad = self._check_images(records, "train")
         self.bad_images = bad
         if bad and cfg.data.bad_images == "fail":
             listed = "\n  ".join(why for _, why in bad[:20])  # each reason already names its file
@@ -163,13 +164,19 @@ class Trainer:
         if cfg.train.report or cfg.train.eval_every:
             try:
                 val, _ = read_split(cfg.data, cfg.data.val_split)
-                val_good, val_bad = scan_images(val, cfg.data.max_image_pixels, desc="checking val images")
+                val_good, val_bad = self._check_images(val, "val")
                 self.bad_images += val_bad
                 self.val_records = val_good
             except ValueError as err:
                 log.warning("no validation split (%s): validation and the report's metrics are skipped", err)
         self.plan = self._plan()
         return self.plan
+
+    def _check_images(self, records: list[ImageCaptions], split: str):
+        if self.image_source is not None:
+            return scan_cached(records, self.image_source)
+        return scan_images(records, self.config.data.max_image_pixels, workers=max(2, self.config.data.num_workers),
+                           desc=f"checking {split} images")
 
     def _plan(self) -> TrainPlan:
         cfg = self.config.train
@@ -396,7 +403,7 @@ class Trainer:
         cfg = self.config
         embeddings = embed_split(self.model, self.val_records, self.preprocessing, self.device,
                                  cfg.train.eval_batch_size, 0, cfg.data.max_image_pixels, self.precision,
-                                 progress=False)
+                                 image_source=self.image_source, progress=False)
         metrics = score_embeddings(embeddings)
         metrics["val_loss"] = self.val_loss(embeddings)
         self.model.train()
@@ -460,7 +467,6 @@ class Trainer:
         from torch.utils.tensorboard import SummaryWriter
 
         self.tensorboard = SummaryWriter(str(self.output_dir / "tensorboard")) if self.accelerator.is_main_process else None
-        self.image_source = _open_cache(cfg)
         results: dict[str, dict[str, float]] = {}
         zero_shot_path = self.output_dir / "zeroshot_metrics.json"
         if cfg.train.report and self.val_records and self.accelerator.is_main_process:
