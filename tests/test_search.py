@@ -147,27 +147,13 @@ def test_index_and_search_cli(photos, tmp_path, onnx_dir, capsys):
     assert main(["index", str(photos), "--out", str(tmp_path / "i2")]) == 2  # neither --model nor --onnx
 
 
-@pytest.mark.slow
-@pytest.mark.skip(reason="unmeasured: 3 epochs of the demo dual encoder on coco-mini ran >9 min on 2 shared CPU "
-                         "cores without finishing; needs a shorter recipe or a GPU before it can gate CI")
-def test_coco_mini_caption_finds_its_photo(coco_mini, tmp_path):
-    """The issue's "done when": train briefly on coco-mini, index its val photos, search with a caption."""
-    from cliptune.config import load_config
+def test_coco_mini_caption_finds_its_photo(coco_mini, coco_mini_finetuned, tmp_path):
+    """The issue's "done when": a model fine-tuned on coco-mini, its val photos indexed, searched by caption."""
+    from cliptune.config import DataConfig
     from cliptune.data import read_split
-    from cliptune.demo import prepare_base_model
-    from cliptune.train import Trainer
 
-    base = prepare_base_model(tmp_path)
-    config = load_config(None, {
-        "model.name": str(base), "data.path": str(coco_mini / "captions_{split}.json"), "data.num_workers": 0,
-        "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.0, "lora.train_logit_scale": True,
-        "train.epochs": 3, "train.micro_batch_size": 32, "train.lr": 1e-3, "train.warmup_ratio": 0.1,
-        "train.save_every": 0, "train.eval_every": 0, "train.report": False,
-        "train.output_dir": str(tmp_path / "run")})
-    trainer = Trainer(config, progress=False)
-    trainer.setup()
-    result = trainer.train()
-    records, _ = read_split(config.data, "val")
+    base, result = coco_mini_finetuned
+    records, _ = read_split(DataConfig(path=str(coco_mini / "captions_{split}.json")), "val")
     photos = tmp_path / "val-photos"
     photos.mkdir()
     for record in records:
@@ -182,4 +168,4 @@ def test_coco_mini_caption_finds_its_photo(coco_mini, tmp_path):
     print(f"coco-mini val: {hits}/20 captions find their photo in the top 5; "
           f"one search {1000 * (time.perf_counter() - start):.1f} ms over {len(index.paths)} photos")
     assert index.search(records[0].captions[0], k=5)  # a result list
-    assert hits >= 8
+    assert hits >= 10  # measured 13/20 on the build machine (print above, with -s)

@@ -101,3 +101,23 @@ def test_cli_train_then_eval_with_adapter_scales(tiny_clip_dir, colour_data, tmp
     # Scale 0 is the zero-shot model exactly.
     assert results["adapter x0"] == results["zero-shot"]
     assert (tmp_path / "eval" / "report.html").is_file()
+
+
+def test_eval_adds_zero_shot_classification_accuracy(tiny_clip_dir, colour_data, tmp_path):
+    from PIL import Image
+
+    from cliptune.compare import EvalRequest, compare_variants, read_labelled_folder
+    from cliptune.config import DataConfig, ModelConfig
+
+    folder = tmp_path / "classes"
+    for name, rgb in {"red": (220, 20, 20), "green": (20, 200, 30), "blue": (20, 30, 220)}.items():
+        (folder / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (40 + i, 40), rgb).save(folder / name / f"{i}.png")
+    paths, labels, classes = read_labelled_folder(folder)
+    assert classes == ["blue", "green", "red"] and labels == [0, 0, 1, 1, 2, 2] and len(paths) == 6
+    results = compare_variants(EvalRequest(model=ModelConfig(name=str(tiny_clip_dir)),
+                                           data=DataConfig(path=str(colour_data)), classify_folder=folder))
+    accuracy = results["zero-shot"]["zeroshot_classification_accuracy"]
+    correct = accuracy * len(paths) / 100  # accuracy is a share of 6 images
+    assert 0 <= correct <= 6 and abs(correct - round(correct)) < 1e-6
