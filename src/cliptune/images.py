@@ -34,7 +34,7 @@ class ImageError(ValueError):
     """An image that cannot be used; the message names the file and why."""
 
 
-def open_rgb(path: Path, max_pixels: int, draft_size: int | None = None) -> Image.Image:
+def open_rgb(path: Path, max_pixels: int = 100_000_000, draft_size: int | None = None) -> Image.Image:
     """Decode `path` fully to an 8-bit RGB image, upright as its EXIF says.
 
     `draft_size` lets JPEG decode at a reduced scale (1/2, 1/4, 1/8) when the image is much larger
