@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from cliptune.data import ImageCaptions, flatten_captions
-from cliptune.images import ImageError, ImageTransform, normalize_pixels
+from cliptune.images import ImageTransform, normalize_pixels
 from cliptune.metrics import retrieval_metrics
 from cliptune.model import ContrastiveModel, Preprocessing
 from cliptune.pipeline import decode_pixels
@@ -111,4 +111,4 @@ def top_captions(embeddings: SplitEmbeddings, image_index: int, k: int = 5) -> l
 
 
 __all__ = ["SplitEmbeddings", "embed_images", "embed_texts", "embed_split", "score_embeddings", "top_captions",
-           "autocast_context", "ImageError"]
+           "autocast_context"]

@@ -436,10 +436,10 @@ class Trainer:
         cfg = self.config
         pairs = epoch_pairs(self.train_records, cfg.data.captions, cfg.train.seed, epoch)
         self._epoch_pairs = pairs
-        transform = ImageTransform(self.preprocessing.image_size, cfg.data.augment)
-        augment_on = cfg.data.augment.random_resized_crop or cfg.data.augment.color_jitter > 0 or cfg.data.augment.horizontal_flip
-        if not augment_on:
-            transform = ImageTransform(self.preprocessing.image_size)
+        augment = cfg.data.augment
+        augmenting = augment.random_resized_crop or augment.color_jitter > 0 or augment.horizontal_flip
+        # No augmentation asked for: a transform without one lets cached pixels skip PIL entirely.
+        transform = ImageTransform(self.preprocessing.image_size, augment if augmenting else None)
         dataset = PairDataset(self.train_records, self.train_captions, transform, cfg.train.seed,
                               cfg.data.max_image_pixels, image_source=self.image_source)
         sampler = StepBatchSampler(pairs, epoch, self.plan.steps_per_epoch, start_step, cfg.train.micro_batch_size,
