@@ -22,12 +22,15 @@ def run_mode(mode: str, data: str, steps: int, micro: int, accum: int) -> dict:
     from cliptune.config import load_config
     from cliptune.train import Trainer, peak_memory_gb
 
-    micro_batch, accum_steps, accumulation = {"plain": (micro, accum, "plain"), "exact": (micro, accum, "exact"),
-                                              "big-batch": (micro * accum, 1, "exact")}[mode]
+    micro_batch, accum_steps, accumulation = {
+        "plain": (micro, accum, "plain"), "exact": (micro, accum, "exact"),
+        "big-batch": (micro * accum, 1, "exact"), "big-batch-checkpointed": (micro * accum, 1, "exact")}[mode]
     config = load_config(None, {
         "model.name": "random:clip-vit-b-32", "data.path": f"{data}/captions_{{split}}.json",
         "train.micro_batch_size": micro_batch, "train.grad_accum_steps": accum_steps,
         "train.accumulation": accumulation, "train.report": False, "data.num_workers": 0,
+        "data.captions": "all",  # 400 pairs an epoch: enough steps without a second epoch
+        "train.gradient_checkpointing": mode == "big-batch-checkpointed",
         "train.output_dir": "/tmp/cliptune-accumulation-bench"})
     trainer = Trainer(config, progress=False)
     trainer.setup()
@@ -63,10 +66,10 @@ def main() -> None:
         print(json.dumps(run_mode(args.mode, args.data, args.steps, args.micro, args.accum)))
         return
     rows = []
-    for mode in ("plain", "exact", "big-batch"):
+    for mode in ("plain", "exact", "big-batch", "big-batch-checkpointed"):
         out = subprocess.run([sys.executable, __file__, "--mode", mode, "--data", args.data, "--steps", str(args.steps),
                               "--micro", str(args.micro), "--accum", str(args.accum)],
-                             capture_output=True, text=True, check=True)
+                             stdout=subprocess.PIPE, text=True, check=True)  # stderr shows through
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print("| mode | micro-batch x steps | negatives per pair | pairs/s | peak memory (GB) |")
     print("| --- | --- | --- | --- | --- |")

@@ -32,15 +32,12 @@ def tiny_dual_dir(tmp_path_factory):
     return save_composed(model, tokenizer, root / "composed")
 
 
-def make_trainer(model_dir, accumulation: str, micro: int, accum: int, dropout: float = 0.2) -> Trainer:
-    overrides = {}
-    if "composed" in str(model_dir):
-        # The composed config's default targets name EfficientNet convs even for a ViT tower
-        # (reported to dual_encoder's owner); name the ViT/BERT attention layers instead.
-        overrides["lora.target_modules"] = ["q_proj", "v_proj", "query", "value"]
-    config = load_config(None, {**overrides, "model.name": str(model_dir), "train.device": "cpu", "lora.r": 4,
+def make_trainer(model_dir, accumulation: str, micro: int, accum: int, dropout: float = 0.2,
+                 checkpointing: bool = False) -> Trainer:
+    config = load_config(None, {"model.name": str(model_dir), "train.device": "cpu", "lora.r": 4,
                                 "lora.dropout": dropout, "train.accumulation": accumulation,
-                                "train.micro_batch_size": micro, "train.grad_accum_steps": accum})
+                                "train.micro_batch_size": micro, "train.grad_accum_steps": accum,
+                                "train.gradient_checkpointing": checkpointing})
     trainer = Trainer(config, progress=False)
     trainer.setup_model()
     trainer.ddp_model = trainer._wrap_ddp()
@@ -174,3 +171,32 @@ def test_plain_accumulation_is_the_mean_of_micro_batch_losses(tiny_clip_dir):
     big_loss, big = reference_step(trainer, batches)
     assert not torch.allclose(loss, big_loss, atol=1e-3)
     assert any((got[n] - big[n]).abs().max() > 1e-3 * big[n].abs().max() for n in got)
+
+
+def test_composed_vit_bert_gets_adapters_on_every_linear_layer_of_both_towers(tiny_dual_dir):
+    from cliptune.model import load_model
+
+    plain, _ = load_model(load_config(None, {"model.name": str(tiny_dual_dir)}).model)
+    expected = {n for n, m in plain.base.named_modules()
+                if isinstance(m, torch.nn.Linear) and n.startswith(("vision_model.", "text_model."))}
+    assert any(n.startswith("vision_model.") for n in expected) and any(n.startswith("text_model.") for n in expected)
+    trainer = make_trainer(tiny_dual_dir, "exact", micro=2, accum=1)
+    adapted = {n.split(".lora_A")[0] for n, _ in trainer.model.named_parameters() if "lora_A" in n}
+    missing = [n for n in expected if not any(a.endswith("." + n) for a in adapted)]
+    assert not missing
+
+
+@pytest.mark.parametrize("accumulation", ["exact", "plain"])
+def test_gradient_checkpointing_changes_memory_not_gradients(model_dir, accumulation):
+    """Recomputing activations in backward gives the same gradients (dropout replayed by torch's
+    checkpoint RNG handling), for both accumulation modes."""
+    results = []
+    for checkpointing in (False, True):
+        trainer = make_trainer(model_dir, accumulation, micro=2, accum=3, checkpointing=checkpointing)
+        assert getattr(trainer.model.base, "is_gradient_checkpointing", False) == checkpointing
+        rng = torch.get_rng_state()
+        loss = trainer.train_step(make_batches(trainer, [2, 2, 2]))
+        torch.set_rng_state(rng)
+        results.append((loss, lora_grads(trainer)))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    assert_grads_close(results[1][1], results[0][1])

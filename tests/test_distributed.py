@@ -102,3 +102,73 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tiny_clip_dir
         for name, grad in expected["grads"].items():
             scale = grad.abs().max().clamp_min(1e-6)
             assert (result["grads"][name] - grad).abs().max() <= 1e-5 * scale, name
+
+
+# -- evaluation: every rank encodes its share, the gathered embeddings are the whole split's ---------------
+
+
+def make_eval_dataset(root) -> str:
+    """7 noise images (uneven shards over 2 ranks) with 1-3 captions each (uneven caption shards)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 256, (40, 40 + i, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
+        captions = [f"picture {i} number {j} of {'many ' * j}things" for j in range(1 + i % 3)]
+        lines.append(json.dumps({"image": f"images/{i}.png", "captions": captions, "split": "val"}))
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(root / "captions.jsonl")
+
+
+def evaluation(model_dir: str, data_path: str) -> tuple[dict, object]:
+    from cliptune.data import read_split
+
+    config = load_config(None, {"model.name": model_dir, "train.device": "cpu", "lora.r": 4,
+                                "data.path": data_path, "train.eval_batch_size": 2})
+    trainer = Trainer(config, progress=False)
+    trainer.setup_model()
+    trainer.image_source = None
+    trainer.val_records, _ = read_split(config.data, "val")
+    return trainer.evaluate()
+
+
+def _eval_worker(rank: int, world: int, port: int, model_dir: str, data_path: str, out: str) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    torch.set_num_threads(1)
+    metrics, embeddings = evaluation(model_dir, data_path)
+    torch.save({"metrics": metrics, "image_emb": embeddings.image_emb, "text_emb": embeddings.text_emb}, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_evaluation_gathers_the_whole_split(tiny_clip_dir, tmp_path):
+    data_path = make_eval_dataset(tmp_path / "data")
+    out = str(tmp_path / "eval.pt")
+    mp.spawn(_eval_worker, args=(2, _free_port(), str(tiny_clip_dir), data_path, out), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    metrics, expected = evaluation(str(tiny_clip_dir), data_path)
+    assert expected.image_emb.shape[0] == 7 and expected.text_emb.shape[0] == 13
+    for result in ranks:
+        assert torch.allclose(result["image_emb"], expected.image_emb, atol=1e-5)
+        assert torch.allclose(result["text_emb"], expected.text_emb, atol=1e-5)
+        assert result["metrics"].keys() == metrics.keys()
+        assert abs(result["metrics"]["val_loss"] - metrics["val_loss"]) < 1e-4
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]  # the same gathered tensors on every rank
+
+
+def test_interleave_shards_restores_item_order():
+    from cliptune.evaluate import interleave_shards
+
+    items = torch.arange(7 * 2).view(7, 2)
+    for world in (1, 2, 3, 7, 8):
+        rows = -(-7 // world)
+        shards = torch.full((world, rows, 2), -1)
+        for rank in range(world):
+            local = items[rank::world]
+            shards[rank, : len(local)] = local
+        assert torch.equal(interleave_shards(shards, 7), items), world

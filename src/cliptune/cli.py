@@ -27,15 +27,22 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         from cliptune.pipeline import plan_steps
 
         try:
-            records, _ = read_split(config.data, config.data.train_split)
+            if config.data.streams_shards:
+                from cliptune.streaming import count_shards, expand_shards
+
+                count = count_shards(expand_shards(config.data.path.replace("{split}", config.data.train_split)))
+                images, captions = count.samples, count.captions
+            else:
+                records, _ = read_split(config.data, config.data.train_split)
+                images, captions = len(records), sum(len(r.captions) for r in records)
         except ValueError as err:
             print(f"plan: data not readable ({err}); effective batch {config.train.effective_batch_size}")
             return 0
-        per_epoch = len(records) if config.data.captions == "sample" else sum(len(r.captions) for r in records)
+        per_epoch = images if config.data.captions == "sample" else captions
         steps = plan_steps(per_epoch, config.train.effective_batch_size, 1)
         total = min(steps * config.train.epochs, config.train.max_steps or steps * config.train.epochs)
         print(f"plan: {total} optimizer steps = {config.train.epochs} epoch(s) x {steps} steps; effective batch "
-              f"{config.train.effective_batch_size} pairs ({per_epoch} pairs/epoch from {len(records)} images); "
+              f"{config.train.effective_batch_size} pairs ({per_epoch} pairs/epoch from {images} images); "
               f"accumulation {config.train.accumulation}; output {config.train.output_dir}")
         return 0
     plan = trainer.setup_data()

@@ -78,7 +78,8 @@ class AugmentConfig:
 class DataConfig:
     path: str = ""
     """Annotation source: a Karpathy split JSON, a COCO captions JSON (`{split}` is replaced by the
-    split name), the Flickr30k CSV, a CSV/JSONL of image + captions, or WebDataset shards."""
+    split name), the Flickr30k CSV, a CSV/JSONL of image + captions, or WebDataset shards
+    (`shards/{split}-{000000..000099}.tar`: training streams them, validation extracts its split once)."""
     format: Literal["auto", "karpathy", "coco", "flickr30k_csv", "csv", "jsonl", "webdataset"] = "auto"
     """Annotation format; `auto` decides from the file."""
     image_root: str | None = None
@@ -99,7 +100,14 @@ class DataConfig:
     """DataLoader worker processes decoding images."""
     cache_dir: str | None = None
     """Image cache written by `cliptune data cache`; read instead of the JPEGs when set."""
+    shuffle_buffer: int = 1000
+    """WebDataset shards only: pairs held in the streaming shuffle buffer (on top of shard order)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    @property
+    def streams_shards(self) -> bool:
+        """data.path names WebDataset shards, which training streams instead of listing."""
+        return self.format == "webdataset" or (self.format == "auto" and ".tar" in Path(self.path).name.lower())
 
 
 @dataclass
@@ -332,6 +340,9 @@ def validate_config(config: RunConfig) -> None:
     need(data.augment.color_jitter >= 0, "data.augment.color_jitter", data.augment.color_jitter, "must be >= 0")
     need(data.max_images is None or data.max_images >= 1, "data.max_images", data.max_images, "must be >= 1")
     need(data.num_workers >= 0, "data.num_workers", data.num_workers, "must be >= 0")
+    need(data.shuffle_buffer >= 1, "data.shuffle_buffer", data.shuffle_buffer, "must be >= 1")
+    need(not (data.streams_shards and data.cache_dir), "data.cache_dir", data.cache_dir,
+         "cannot be used with WebDataset shards (the cache is keyed by image file); stream the shards without it")
     need(data.max_image_pixels >= 1, "data.max_image_pixels", data.max_image_pixels, "must be >= 1")
     need(train.epochs >= 1, "train.epochs", train.epochs, "must be >= 1")
     need(train.max_steps is None or train.max_steps >= 1, "train.max_steps", train.max_steps, "must be >= 1")

@@ -18,11 +18,13 @@ import importlib.util
 import json
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
@@ -171,11 +173,20 @@ class EfficientNetLite0(nn.Module):
         self.head_conv = nn.Conv2d(LITE0_BLOCK_ARGS[-1][-1], LITE0_HEAD_CHANNELS, 1, bias=False)
         self.head_bn = nn.BatchNorm2d(LITE0_HEAD_CHANNELS, eps=_BN_EPS, momentum=_BN_MOMENTUM)
         self.classifier = nn.Linear(LITE0_HEAD_CHANNELS, num_classes) if num_classes else None
+        # Set by transformers' gradient_checkpointing_enable (with `_gradient_checkpointing_func`):
+        # each block's activations are then recomputed in backward instead of kept.
+        self.gradient_checkpointing = False
 
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = F.relu6(self.stem_bn(self.stem_conv(pixel_values)))
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x)
+            if recompute:
+                checkpoint = getattr(self, "_gradient_checkpointing_func", None) or \
+                    partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+                x = checkpoint(block, x)
+            else:
+                x = block(x)
         x = F.relu6(self.head_bn(self.head_conv(x)))  # (B, 1280, H/32, W/32)
         return x.mean(dim=(2, 3))  # (B, 1280)
 
@@ -324,6 +335,16 @@ def _vision_width(vision_config: dict) -> int:
     raise ValueError(f"can't tell the feature width of vision model_type {c.get('model_type')!r}")
 
 
+def matrix_layer_names(tower: nn.Module) -> list[str]:
+    """Leaf names of the tower's linear layers and 1x1 convs (the layers LoRA adapts as matrices)."""
+    names = set()
+    for name, module in tower.named_modules():
+        pointwise = isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
+        if isinstance(module, nn.Linear) or pointwise:
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
 def _drop_text_pooler(text_model: nn.Module) -> None:
     """BERT's pooler (dense + tanh on [CLS]) is unused by mean / cls pooling; dropping it keeps unused,
     trainable parameters out of the optimiser and out of LoRA's "dense" match."""
@@ -339,15 +360,22 @@ class DualEncoderModel(PreTrainedModel):
     base_model_prefix = "dual_encoder"
     main_input_name = "pixel_values"
     input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True  # both towers' blocks (HF layers and the EfficientNet's)
     _supports_sdpa = True
 
-    # Module leaf names for LoRA, per tower (prefix them with `vision_model.` / `text_model.`).
-    # The EfficientNet's 1x1 convs are plain matrix multiplies peft can adapt; its depthwise convs
-    # (groups > 1) are left out: peft's LoRA Conv2d doesn't support groups > 1 and they hold few weights.
-    lora_target_modules: dict[str, list[str]] = {
-        "vision": ["expand_conv", "project_conv", "head_conv"],
-        "text": ["query", "key", "value", "dense"],
-    }
+    @property
+    def lora_target_modules(self) -> dict[str, list[str]]:
+        """Module leaf names for LoRA, per tower (prefix them with `vision_model.` / `text_model.`).
+
+        The EfficientNet's 1x1 convs are plain matrix multiplies peft can adapt; its depthwise convs
+        (groups > 1) are left out: peft's LoRA Conv2d doesn't support groups > 1 and they hold few
+        weights. Any other tower (a ViT, BERT, a conv net) gets its linear layers and 1x1 convs.
+        """
+        if isinstance(self.vision_model, EfficientNetLite0):
+            vision = ["expand_conv", "project_conv", "head_conv"]
+        else:
+            vision = matrix_layer_names(self.vision_model)
+        return {"vision": vision, "text": matrix_layer_names(self.text_model)}
 
     def __init__(self, config: DualEncoderConfig):
         super().__init__(config)

@@ -32,24 +32,33 @@ class TokenizedCaptions:
     pad_to_max_length: bool
 
 
+def tokenize_texts(texts: list[str], preprocessing: Preprocessing) -> tuple[list[list[int]], int]:
+    """Unpadded token ids of each text; over-long ones are cut (keeping the end token). Returns the
+    ids and how many were cut."""
+    encoded = preprocessing.tokenizer(texts, truncation=False, padding=False, verbose=False)["input_ids"] if texts else []
+    limit, truncated, ids = preprocessing.max_text_length, 0, []
+    for tokens in encoded:
+        if len(tokens) > limit:
+            truncated += 1
+            tokens = tokens[: limit - 1] + tokens[-1:]  # the last token is the end-of-text marker
+        ids.append(tokens)
+    return ids, truncated
+
+
+def pad_token_id(preprocessing: Preprocessing) -> int:
+    pad = preprocessing.tokenizer.pad_token_id
+    return pad if pad is not None else 0
+
+
 def tokenize_captions(records: list[ImageCaptions], preprocessing: Preprocessing) -> TokenizedCaptions:
     """Tokenise every caption once, up front; over-long ones are cut (keeping the end token) and counted."""
-    tokenizer = preprocessing.tokenizer
-    flat = [caption for record in records for caption in record.captions]
-    encoded = tokenizer(flat, truncation=False, padding=False, verbose=False)["input_ids"] if flat else []
-    limit, truncated, ids, position = preprocessing.max_text_length, 0, [], 0
+    flat, truncated = tokenize_texts([caption for record in records for caption in record.captions], preprocessing)
+    ids, position = [], 0
     for record in records:
-        per_image = []
-        for _ in record.captions:
-            tokens = encoded[position]
-            position += 1
-            if len(tokens) > limit:
-                truncated += 1
-                tokens = tokens[: limit - 1] + tokens[-1:]  # the last token is the end-of-text marker
-            per_image.append(tokens)
-        ids.append(per_image)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return TokenizedCaptions(ids, truncated, pad, limit, preprocessing.pad_to_max_length)
+        ids.append(flat[position: position + len(record.captions)])
+        position += len(record.captions)
+    return TokenizedCaptions(ids, truncated, pad_token_id(preprocessing), preprocessing.max_text_length,
+                             preprocessing.pad_to_max_length)
 
 
 def pad_token_batch(sequences: list[list[int]], pad_id: int, length: int | None = None) -> dict[str, torch.Tensor]:

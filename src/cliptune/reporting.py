@@ -37,7 +37,7 @@ def write_run_report(trainer, result, final_embeddings: SplitEmbeddings | None) 
     notes = [f"Loss: {trainer.loss_fn.kind}; accumulation: {config.train.accumulation}; "
              f"precision: {trainer.precision}; device: {trainer.device}."]
     notes += trainer.annotation_problems.summary()
-    if trainer.train_captions.truncated:
+    if trainer.train_captions is not None and trainer.train_captions.truncated:
         notes.append(f"{trainer.train_captions.truncated} training captions were longer than the model's "
                      f"{trainer.preprocessing.max_text_length} tokens and were truncated.")
     if result.skipped_steps:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -23,9 +24,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from cliptune.checkpoint import load_latest_checkpoint, save_checkpoint
-from cliptune.config import RunConfig, save_config
-from cliptune.data import ImageCaptions, SplitProblems, read_split
-from cliptune.evaluate import autocast_context, embed_split, score_embeddings
+from cliptune.config import DataConfig, RunConfig, save_config
+from cliptune.data import DataError, ImageCaptions, SplitProblems, read_split
+from cliptune.evaluate import autocast_context, embed_split, embed_split_sharded, score_embeddings
 from cliptune.images import ImageTransform, normalize_pixels
 from cliptune.lora import ParameterCount, apply_lora, save_adapter
 from cliptune.loss import clip_loss, gather_ids, gather_with_grad, siglip_loss
@@ -43,6 +44,8 @@ from cliptune.pipeline import (
     tokenize_captions,
 )
 from cliptune.schedule import lr_multiplier
+from cliptune.streaming import ShardPairStream, count_shards, expand_shards
+from cliptune.webdataset_source import ShardStats, materialize_webdataset
 
 log = logging.getLogger(__name__)
 
@@ -140,30 +143,40 @@ class Trainer:
         self.parameters = apply_lora(self.model, cfg.lora)
         if cfg.train.gradient_checkpointing:
             base = self.model.base
-            if not hasattr(base, "gradient_checkpointing_enable"):
+            if not getattr(base, "supports_gradient_checkpointing", False):
                 raise TrainingError("train.gradient_checkpointing: this model does not support it")
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5 name
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.loss_fn = contrastive_loss(cfg, self.model.family)
         return self.parameters
 
     def setup_data(self) -> TrainPlan:
         cfg = self.config
-        records, problems = read_split(cfg.data, cfg.data.train_split)
-        self.annotation_problems: SplitProblems = problems
-        self.image_source = _open_cache(cfg)
-        good, bad = self._check_images(records, "train")
-        self.bad_images = bad
-        if bad and cfg.data.bad_images == "fail":
-            listed = "\n  ".join(why for _, why in bad[:20])  # each reason already names its file
-            raise TrainingError(f"{len(bad)} unreadable training image(s) (data.bad_images=fail):\n  {listed}")
-        if not good:
-            raise TrainingError("no readable training images left")
-        self.train_records: list[ImageCaptions] = good
-        self.train_captions: TokenizedCaptions = tokenize_captions(good, self.preprocessing)
+        self.shards: list[str] | None = None
+        self.bad_images = []
+        self.annotation_problems = SplitProblems()
+        if cfg.data.streams_shards:
+            self._setup_shards()
+        else:
+            records, problems = read_split(cfg.data, cfg.data.train_split)
+            self.annotation_problems: SplitProblems = problems
+            self.image_source = _open_cache(cfg)
+            good, bad = self._check_images(records, "train")
+            self.bad_images = bad
+            if bad and cfg.data.bad_images == "fail":
+                listed = "\n  ".join(why for _, why in bad[:20])  # each reason already names its file
+                raise TrainingError(f"{len(bad)} unreadable training image(s) (data.bad_images=fail):\n  {listed}")
+            if not good:
+                raise TrainingError("no readable training images left")
+            self.train_records: list[ImageCaptions] = good
+            self.train_captions: TokenizedCaptions = tokenize_captions(good, self.preprocessing)
         self.val_records: list[ImageCaptions] = []
         if cfg.train.report or cfg.train.eval_every:
             try:
-                val, _ = read_split(cfg.data, cfg.data.val_split)
+                val = self._val_split_from_shards() if self.shards is not None else \
+                    read_split(cfg.data, cfg.data.val_split)[0]
                 val_good, val_bad = self._check_images(val, "val")
                 self.bad_images += val_bad
                 self.val_records = val_good
@@ -171,6 +184,46 @@ class Trainer:
                 log.warning("no validation split (%s): validation and the report's metrics are skipped", err)
         self.plan = self._plan()
         return self.plan
+
+    def _setup_shards(self) -> None:
+        """Training streams the shards: only their sample and caption counts are read up front."""
+        cfg = self.config.data
+        pattern = cfg.path.replace("{split}", cfg.train_split)
+        self.shards = expand_shards(pattern)
+        missing = [s for s in self.shards if "://" not in s and not s.startswith("pipe:") and not Path(s).is_file()]
+        if missing:
+            raise TrainingError(f"data.path: {len(missing)} of {len(self.shards)} shards do not exist "
+                                f"(first: {missing[0]}; pattern {pattern})")
+        self.image_source = None
+        self.shard_count = count_shards(self.shards)
+        if self.shard_count.samples == 0:
+            raise TrainingError(f"data.path: no sample with an image and a caption in {pattern}")
+        if self.shard_count.skipped:
+            log.warning("%d shard samples lack an image or a caption and are skipped (first: %s)",
+                        len(self.shard_count.skipped), self.shard_count.skipped[0][0])
+            self.bad_images += self.shard_count.skipped
+        self.train_records = []
+        self.train_captions = None  # captions are tokenised as they stream
+
+    def _val_split_from_shards(self) -> list[ImageCaptions]:
+        """Evaluation needs random access: the val split's shards are extracted once (rank 0), into
+        output_dir/val-from-shards, and read back as a JSONL dataset."""
+        cfg = self.config.data
+        if "{split}" not in cfg.path:
+            raise DataError("data.path has no {split} placeholder, so the shards hold no separate val split")
+        pattern = cfg.path.replace("{split}", cfg.val_split)
+        folder = self.output_dir / "val-from-shards"
+        if self.accelerator.is_main_process and not (folder / "captions.jsonl").is_file():
+            partial = folder.with_name("val-from-shards.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            stats = ShardStats()
+            materialize_webdataset(pattern, partial, split=cfg.val_split, stats=stats)
+            for name, why in stats.skipped:
+                self.bad_images.append((name, why))
+            partial.rename(folder)  # complete or absent: an interrupted extraction starts over
+        self.accelerator.wait_for_everyone()
+        jsonl = DataConfig(path=str(folder / "captions.jsonl"), format="jsonl", max_images=cfg.max_images)
+        return read_split(jsonl, cfg.val_split)[0]
 
     def _check_images(self, records: list[ImageCaptions], split: str):
         if self.image_source is not None:
@@ -181,15 +234,20 @@ class Trainer:
     def _plan(self) -> TrainPlan:
         cfg = self.config.train
         world = self.accelerator.num_processes
-        per_epoch = len(self.train_records) if self.config.data.captions == "sample" else \
-            sum(len(r.captions) for r in self.train_records)
+        if self.shards is not None:
+            images = self.shard_count.samples
+            per_epoch = images if self.config.data.captions == "sample" else self.shard_count.captions
+        else:
+            images = len(self.train_records)
+            per_epoch = images if self.config.data.captions == "sample" else \
+                sum(len(r.captions) for r in self.train_records)
         effective = cfg.effective_batch_size * world
         steps_per_epoch = plan_steps(per_epoch, effective, world)
         total = steps_per_epoch * cfg.epochs
         if cfg.max_steps is not None:
             total = min(total, cfg.max_steps)
         epochs = math.ceil(total / steps_per_epoch)
-        return TrainPlan(len(self.train_records), per_epoch, steps_per_epoch, total, epochs, effective, world)
+        return TrainPlan(images, per_epoch, steps_per_epoch, total, epochs, effective, world)
 
     def setup(self) -> None:
         """Model, data, optimizer, schedule, and (with resume) the checkpoint's state. The first two
@@ -397,13 +455,24 @@ class Trainer:
     # -- evaluation -------------------------------------------------------------------------------
 
     def evaluate(self) -> tuple[dict[str, float], object] | tuple[None, None]:
-        """Val loss and retrieval metrics from one embedding pass over the val split."""
+        """Val loss and retrieval metrics from one embedding pass over the val split.
+
+        Under several processes every rank must call it: each encodes its share of the split and the
+        embeddings are all-gathered, so every rank returns the same metrics for the whole split.
+        """
         if not self.val_records:
             return None, None
         cfg = self.config
-        embeddings = embed_split(self.model, self.val_records, self.preprocessing, self.device,
-                                 cfg.train.eval_batch_size, 0, cfg.data.max_image_pixels, self.precision,
-                                 image_source=self.image_source, progress=False)
+        world = self.accelerator.num_processes
+        if world > 1 and len(self.val_records) >= world:
+            embeddings = embed_split_sharded(self.model, self.val_records, self.preprocessing, self.device,
+                                             self.accelerator.gather, self.accelerator.process_index, world,
+                                             cfg.train.eval_batch_size, cfg.data.max_image_pixels, self.precision,
+                                             image_source=self.image_source)
+        else:  # one process, or fewer images than processes: every rank encodes the whole (small) split
+            embeddings = embed_split(self.model, self.val_records, self.preprocessing, self.device,
+                                     cfg.train.eval_batch_size, 0, cfg.data.max_image_pixels, self.precision,
+                                     image_source=self.image_source, progress=False)
         metrics = score_embeddings(embeddings)
         metrics["val_loss"] = self.val_loss(embeddings)
         self.model.train()
@@ -434,12 +503,22 @@ class Trainer:
 
     def _loader(self, epoch: int, start_step: int):
         cfg = self.config
-        pairs = epoch_pairs(self.train_records, cfg.data.captions, cfg.train.seed, epoch)
-        self._epoch_pairs = pairs
         augment = cfg.data.augment
         augmenting = augment.random_resized_crop or augment.color_jitter > 0 or augment.horizontal_flip
         # No augmentation asked for: a transform without one lets cached pixels skip PIL entirely.
         transform = ImageTransform(self.preprocessing.image_size, augment if augmenting else None)
+        workers = cfg.data.num_workers
+        if self.shards is not None:
+            dataset = ShardPairStream(
+                self.shards, self.preprocessing, transform, seed=cfg.train.seed, epoch=epoch, start_step=start_step,
+                steps=self.plan.steps_per_epoch, micro_batch=cfg.train.micro_batch_size,
+                accum=cfg.train.grad_accum_steps, rank=self.accelerator.process_index,
+                world_size=self.accelerator.num_processes, captions=cfg.data.captions,
+                buffer=cfg.data.shuffle_buffer, max_pixels=cfg.data.max_image_pixels)
+            return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=self.device.type == "cuda",
+                              persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+        pairs = epoch_pairs(self.train_records, cfg.data.captions, cfg.train.seed, epoch)
+        self._epoch_pairs = pairs
         dataset = PairDataset(self.train_records, self.train_captions, transform, cfg.train.seed,
                               cfg.data.max_image_pixels, image_source=self.image_source)
         sampler = StepBatchSampler(pairs, epoch, self.plan.steps_per_epoch, start_step, cfg.train.micro_batch_size,
@@ -447,9 +526,16 @@ class Trainer:
                                    self.accelerator.num_processes)
         # A private generator: creating the loader must not consume the global RNG (dropout's).
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=PairCollator(self.train_captions),
-                          num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+                          num_workers=workers, pin_memory=self.device.type == "cuda",
                           generator=torch.Generator(), persistent_workers=False,
-                          prefetch_factor=4 if cfg.data.num_workers > 0 else None)
+                          prefetch_factor=4 if workers > 0 else None)
+
+    def _micro_batches_in_step(self, step_in_epoch: int) -> int:
+        cfg = self.config.train
+        if self.shards is not None:
+            return cfg.grad_accum_steps  # the stream repeats its shards: every step is full
+        return len(step_micro_batches(self._epoch_pairs, step_in_epoch, cfg.micro_batch_size, cfg.grad_accum_steps,
+                                      self.accelerator.process_index, self.accelerator.num_processes))
 
     def _install_signal_handlers(self):
         def handler(signum, frame):
@@ -469,13 +555,21 @@ class Trainer:
         self.tensorboard = SummaryWriter(str(self.output_dir / "tensorboard")) if self.accelerator.is_main_process else None
         results: dict[str, dict[str, float]] = {}
         zero_shot_path = self.output_dir / "zeroshot_metrics.json"
-        if cfg.train.report and self.val_records and self.accelerator.is_main_process:
-            if zero_shot_path.is_file():
-                results["zero-shot"] = json.loads(zero_shot_path.read_text(encoding="utf-8"))
+        if cfg.train.report and self.val_records:
+            # Rank 0 decides (the file may live on its disk only); every rank then joins the evaluation.
+            from accelerate.utils import broadcast_object_list
+
+            done = [zero_shot_path.is_file() if self.accelerator.is_main_process else None]
+            if self.accelerator.num_processes > 1:
+                broadcast_object_list(done)
+            if done[0]:
+                if self.accelerator.is_main_process:
+                    results["zero-shot"] = json.loads(zero_shot_path.read_text(encoding="utf-8"))
             else:
                 metrics, _ = self.evaluate()
                 results["zero-shot"] = metrics
-                zero_shot_path.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+                if self.accelerator.is_main_process:
+                    zero_shot_path.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         self.model.train()
         previous_handlers = self._install_signal_handlers()
         interrupted = False
@@ -500,10 +594,11 @@ class Trainer:
                 self.save()
             save_adapter(self.model, self.output_dir / "adapter")
         final_embeddings = None
-        if cfg.train.report and self.val_records and self.accelerator.is_main_process:
+        if cfg.train.report and self.val_records:
             metrics, final_embeddings = self.evaluate()
             results["fine-tuned"] = metrics
-            (self.output_dir / "metrics.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+            if self.accelerator.is_main_process:
+                (self.output_dir / "metrics.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
         if self.tensorboard is not None:
             self.tensorboard.close()
         result = self._result(results, interrupted=False)
@@ -529,8 +624,7 @@ class Trainer:
             for step_in_epoch in range(start, self.plan.steps_per_epoch):
                 if self.step >= self.plan.total_steps:
                     break
-                count = len(step_micro_batches(self._epoch_pairs, step_in_epoch, cfg.micro_batch_size,
-                                               cfg.grad_accum_steps, self.accelerator.process_index, world))
+                count = self._micro_batches_in_step(step_in_epoch)
                 started = time.perf_counter()  # end to end: waiting for the loader counts
                 micro = [next(batches) for _ in range(count)]
                 for b in micro:
@@ -571,8 +665,8 @@ class Trainer:
                               "pairs_per_second": pairs / max(elapsed, 1e-9)}
                     record["peak_memory_gb"] = peak_memory_gb(self.device)
                     self.log_metrics(record)
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.accelerator.is_main_process:
-                    metrics, _ = self.evaluate()
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    metrics, _ = self.evaluate()  # every rank encodes its share
                     if metrics is not None:
                         self.log_metrics({"step": self.step, **{f"val_{k}" if k != "val_loss" else k: v
                                                                 for k, v in metrics.items()}})

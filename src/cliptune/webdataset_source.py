@@ -4,9 +4,8 @@ A sample is the tar members sharing one key: the image (`.jpg`, `.jpeg`, `.png` 
 captions, as `.txt` (one caption a line) or `.json` (`{"captions": [...]}` or `{"caption": "..."}`).
 Shards are named with a brace pattern: `shards/train-{000000..000003}.tar`.
 
-For now training reads shards through `materialize_webdataset`, which extracts them into an image
-folder and the `captions.jsonl` that `cliptune.data` reads; streaming straight from the tar files
-into the trainer is not wired in.
+Training streams the shards (`cliptune.streaming`); `materialize_webdataset` extracts them into an
+image folder and the `captions.jsonl` that `cliptune.data` reads (evaluation, the image cache).
 """
 
 from __future__ import annotations
@@ -37,14 +36,18 @@ class ShardStats:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (sample key or shard, reason)
 
 
-def decode_image_bytes(data: bytes, name: str, max_pixels: int = 100_000_000) -> Image.Image:
-    """Bytes of an image file -> 8-bit upright RGB, with the same checks as `images.open_rgb`."""
+def decode_image_bytes(data: bytes, name: str, max_pixels: int = 100_000_000,
+                       draft_size: int | None = None) -> Image.Image:
+    """Bytes of an image file -> 8-bit upright RGB, with the same checks as `images.open_rgb`
+    (`draft_size`: decode a large JPEG at a reduced scale, as there)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 if image.width * image.height > max_pixels:
                     raise ImageError(f"{name}: {image.width}x{image.height} pixels exceeds {max_pixels}")
+                if draft_size is not None and image.format == "JPEG":
+                    image.draft("RGB", (draft_size, draft_size))
                 image.load()
                 return _to_rgb(ImageOps.exif_transpose(image))
     except ImageError:
@@ -80,7 +83,10 @@ def iter_webdataset(pattern: str, decode: bool = True, stats: ShardStats | None 
         yield key, image, captions
 
 
-def _iter_samples(pattern: str, decode: bool, stats: ShardStats | None, max_pixels: int):
+def iter_raw_samples(urls: str | list[str], stats: ShardStats | None = None) -> Iterator[tuple[str, str, bytes, list[str], dict]]:
+    """(shard url, key, image file bytes, captions, sample) for each sample with an image member and a
+    caption, in shard order, images not decoded. Samples without them, and unreadable shards, are
+    skipped and counted in `stats`."""
     import webdataset as wds
 
     stats = stats if stats is not None else ShardStats()
@@ -89,22 +95,34 @@ def _iter_samples(pattern: str, decode: bool, stats: ShardStats | None, max_pixe
         stats.skipped.append(("shard", f"{type(err).__name__}: {err}"))
         return True  # go on with the next sample/shard
 
-    dataset = wds.WebDataset(pattern, shardshuffle=False, handler=on_error, empty_check=False)
+    # No node or worker splitting here: callers decide who reads what (`cliptune.streaming` does).
+    dataset = wds.WebDataset(urls, shardshuffle=False, handler=on_error, empty_check=False,
+                             nodesplitter=None, workersplitter=None)
     for sample in dataset:
-        key = f"{sample.get('__url__', '')}:{sample.get('__key__', '?')}"
+        url = sample.get("__url__", "")
+        name = f"{url}:{sample.get('__key__', '?')}"
         try:
-            ext, data = _image_member(sample)
-            captions = _captions(sample, key)
+            _, data = _image_member(sample)
+            captions = _captions(sample, name)
             if not captions:
                 raise ValueError("no non-empty caption")
-            image = decode_image_bytes(data, key, max_pixels) if decode else data
-            if not decode:
-                decode_image_bytes(data, key, max_pixels)  # refuse corrupt bytes here, not in training
-        except (ValueError, UnicodeDecodeError) as err:  # ImageError and JSONDecodeError are ValueErrors
-            stats.skipped.append((key, str(err)))
+        except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+            stats.skipped.append((name, str(err)))
+            continue
+        yield url, sample["__key__"], data, captions, sample
+
+
+def _iter_samples(pattern: str, decode: bool, stats: ShardStats | None, max_pixels: int):
+    stats = stats if stats is not None else ShardStats()
+    for url, key, data, captions, sample in iter_raw_samples(pattern, stats):
+        name = f"{url}:{key}"
+        try:
+            image = decode_image_bytes(data, name, max_pixels)  # refuse corrupt bytes here, not in training
+        except ImageError as err:
+            stats.skipped.append((name, str(err)))
             continue
         stats.samples += 1
-        yield sample["__key__"], image, captions, _json_split(sample)
+        yield key, (image if decode else data), captions, _json_split(sample)
 
 
 def _json_split(sample: dict) -> str | None:
