@@ -232,11 +232,9 @@ def test_peft_lora_with_default_targets_starts_at_base_model(tiny_composed):
     pixels, ids, mask = _inputs(tokenizer)
     with torch.no_grad():
         image_ref, text_ref = model.get_image_features(pixels), model.get_text_features(ids, mask)
-    # ViT's leaves are also query/key/value/dense: reuse the text names for this tiny HF vision tower.
-    targets = {
-        "vision": DualEncoderModel.lora_target_modules["text"],
-        "text": DualEncoderModel.lora_target_modules["text"],
-    }
+    # The default targets follow the towers: an HF ViT's linear layers here, not EfficientNet names.
+    targets = model.lora_target_modules
+    assert "expand_conv" not in targets["vision"] and targets["vision"]
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=lora_regex(targets), init_lora_weights=True)
     peft_model = peft.get_peft_model(_clone(model), config)
     names = [n for n, m in peft_model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
@@ -275,7 +273,7 @@ def test_peft_lora_on_efficientnet_tower():
     with torch.no_grad():
         image_ref = model.get_image_features(pixels)
     config = peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=lora_regex(DualEncoderModel.lora_target_modules)
+        r=4, lora_alpha=8, target_modules=lora_regex(model.lora_target_modules)
     )
     peft_model = peft.get_peft_model(model, config)
     names = [n for n, m in peft_model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)]

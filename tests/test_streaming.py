@@ -163,3 +163,36 @@ def test_shards_and_an_image_cache_are_refused_together(shard_data):
 
     with pytest.raises(ConfigError, match="data.cache_dir"):
         load_config(None, {"data.path": shard_data, "data.cache_dir": "cache"})
+
+
+def test_missing_shards_are_named(shard_data, tiny_clip_dir, tmp_path):
+    from cliptune.train import Trainer, TrainingError
+
+    pattern = shard_data.replace("{000000..000003}", "{000000..000005}")  # 000004 and 000005 don't exist
+    config = load_config(None, {"model.name": str(tiny_clip_dir), "data.path": pattern, "train.device": "cpu",
+                                "train.output_dir": str(tmp_path / "run")})
+    trainer = Trainer(config, progress=False)
+    trainer.setup_model()
+    with pytest.raises(TrainingError, match=r"2 of 6 shards .*train-000004\.tar"):
+        trainer.setup_data()
+
+
+def test_cli_pack_then_train_streams_with_a_val_split_of_fewer_shards(tiny_clip_dir, tmp_path, capsys):
+    from cliptune.cli import main
+
+    jsonl = make_image_folder_dataset(tmp_path / "data", n_images=16)  # 12 train, 4 val
+    assert main(["data", "pack", "--data", str(jsonl), "--out", str(tmp_path / "shards"), "--shard-size", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "train: 12 images in 4 shards" in printed and "val: 4 images in 2 shards" in printed
+    pattern = str(tmp_path / "shards" / "{split}-{000000..000003}.tar")
+    assert pattern in printed
+    assert main(["train", "--model.name", str(tiny_clip_dir), "--data.path", pattern, "--train.device", "cpu",
+                 "--train.output_dir", str(tmp_path / "run"), "--train.max_steps", "2", "--lora.r", "2",
+                 "--data.num_workers", "1", "--train.micro_batch_size", "3", "--train.grad_accum_steps", "2"]) == 0
+    from cliptune.data import read_split
+
+    val = read_split(DataConfig(path=str(tmp_path / "run" / "val-from-shards" / "captions.jsonl")), "val")[0]
+    assert len(val) == 4
+    assert main(["data", "unpack", str(tmp_path / "shards" / "train-{000000..000003}.tar"),
+                 "--out", str(tmp_path / "unpacked")]) == 0
+    assert len(read_split(DataConfig(path=str(tmp_path / "unpacked" / "captions.jsonl")), "train")[0]) == 12

@@ -3,7 +3,8 @@
 The naive loop is the seed notebook's: decode the JPEG in the training loop and run HF's
 `CLIPImageProcessor`, pad every caption to the full context (77 tokens for CLIP), use `CLIPModel(..., return_loss=True)`, fp32.
 cliptune's path: uint8 pixels read from the image cache (`cliptune.cache`), captions padded to the
-batch's longest, `cliptune.loss.clip_loss`, and bf16 autocast when it measures faster here.
+batch's longest, `cliptune.loss.clip_loss`, LoRA dropout masks from `cliptune.dropout.FastDropout`
+(PEFT's `nn.Dropout` in the naive loop), and bf16 autocast when it measures faster here.
 Timings on a shared machine are noisy: compare the ratios (`speedup_*`), which come from one run.
 """
 
@@ -13,6 +14,7 @@ import logging
 import os
 import platform
 import random
+import statistics
 import tempfile
 import threading
 import time
@@ -29,7 +31,7 @@ from cliptune.config import DataConfig, LoraSettings, ModelConfig
 from cliptune.data import ImageCaptions, read_split
 from cliptune.evaluate import autocast_context, embed_images, embed_texts
 from cliptune.images import ImageTransform, normalize_pixels, open_rgb
-from cliptune.lora import apply_lora
+from cliptune.lora import apply_lora, use_fast_dropout
 from cliptune.loss import clip_loss
 from cliptune.model import RANDOM_VIT_B_32, Preprocessing, load_model
 from cliptune.pipeline import PairCollator, PairDataset, StepBatchSampler, epoch_pairs, tokenize_captions
@@ -74,8 +76,9 @@ def _sync(device: torch.device) -> None:
 
 def _rates(fns: dict[str, Callable[[], int]], steps: int, warmup: int, device: torch.device,
            memory: dict[str, float] | None = None) -> dict[str, float]:
-    """Items per second of each `fn` (which returns how many items it processed). The calls are
-    interleaved (a, b, a, b, ...) so that load from other processes slows every variant alike.
+    """Items per second of each `fn` (which returns how many items it processed), from its median
+    call time. The calls are interleaved (a, b, a, b, ...) so that load from other processes slows
+    every variant alike.
     Warm-up calls run first, each variant's under a peak-memory probe when `memory` is given."""
     for name, fn in fns.items():
         with _PeakMemory(device) as peak:
@@ -84,14 +87,16 @@ def _rates(fns: dict[str, Callable[[], int]], steps: int, warmup: int, device: t
             _sync(device)
         if memory is not None:
             memory[name] = round(peak.peak_mb)
-    seconds, items = dict.fromkeys(fns, 0.0), dict.fromkeys(fns, 0)
+    durations: dict[str, list[float]] = {name: [] for name in fns}
+    items = dict.fromkeys(fns, 0)
     for _ in range(steps):
         for name, fn in fns.items():
             started = time.perf_counter()
             items[name] += fn()
             _sync(device)
-            seconds[name] += time.perf_counter() - started
-    return {name: items[name] / seconds[name] for name in fns}
+            durations[name].append(time.perf_counter() - started)
+    # The median call: one call slowed by another process's burst does not move it.
+    return {name: items[name] / (statistics.median(durations[name]) * len(durations[name])) for name in fns}
 
 
 class _PeakMemory:
@@ -246,12 +251,19 @@ class _Bench:
                 "attention_mask": text["attention_mask"]}
 
     def _naive_step(self, optimizer, batch: dict[str, torch.Tensor]) -> int:
+        self._dropout(fast=False)  # the seed's PEFT: nn.Dropout on each LoRA branch
         batch = {k: v.to(self.device) for k, v in batch.items()}
         loss = self.model.net(**batch, return_loss=True).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return len(batch["input_ids"])
+
+    def _dropout(self, fast: bool) -> None:
+        # Swapping walks every module (~12 ms for ViT-B/32): only when the kind changes.
+        if getattr(self, "_fast_dropout", None) != fast:
+            use_fast_dropout(self.model, fast)
+            self._fast_dropout = fast
 
     def _fast_tensors(self, step: int) -> dict[str, torch.Tensor]:
         batch = PairCollator(self.tokens)([self._dataset()[(0, i, 0)] for i in self._batch_indices(step)])
@@ -264,7 +276,9 @@ class _Bench:
     def _dataset(self) -> PairDataset:
         return PairDataset(self.records, self.tokens, self.transform, 0, 100_000_000, image_source=self.cache)
 
-    def _fast_step(self, optimizer, batch: dict, precision: str, channels_last: bool = False, model=None) -> int:
+    def _fast_step(self, optimizer, batch: dict, precision: str, channels_last: bool = False, model=None,
+                   fast_dropout: bool = True) -> int:
+        self._dropout(fast=fast_dropout)
         model = model if model is not None else self.model
         pixels = normalize_pixels(batch["pixels"].to(self.device, non_blocking=True),
                                   self.preprocessing.image_mean, self.preprocessing.image_std)
@@ -298,6 +312,10 @@ class _Bench:
         if self.device.type == "cuda":
             unfused = self._optimizer(False)
             fns["cliptune_bf16_unfused_adamw"] = lambda: self._fast_step(unfused, fast_batch, "bf16")
+        else:  # what FastDropout adds on a CPU, timed beside the rest
+            peft_dropout = self._optimizer(fused)
+            fns["cliptune_fp32_peft_dropout"] = lambda: self._fast_step(peft_dropout, fast_batch, "fp32",
+                                                                        fast_dropout=False)
         memory: dict[str, float] = {}
         rates = _rates(fns, self.steps, self.warmup, self.device, memory)
         self.precision = max(candidates, key=lambda p: rates[f"cliptune_{p}"])
@@ -323,6 +341,9 @@ class _Bench:
         self.results["fast_path_precision"] = self.precision
         self.results["speedup_train_model_only"] = round(
             rates[f"cliptune_{self.precision}"] / rates["naive_fp32_pad77_return_loss"], 2)
+        self.results["speedup_fast_dropout_model_only"] = (
+            round(rates["cliptune_fp32"] / rates["cliptune_fp32_peft_dropout"], 2)
+            if "cliptune_fp32_peft_dropout" in rates else None)
         self.results["speedup_bf16_vs_fp32_model_only"] = (
             round(rates["cliptune_bf16"] / rates["cliptune_fp32"], 2)
             if "cliptune_fp32" in rates and "cliptune_bf16" in rates else None)

@@ -20,7 +20,9 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     config = load_config(args.config, parse_overrides(extra))
     trainer = Trainer(config, resume=args.resume)
     counts = trainer.setup_model()
-    print(counts)
+    # Under torchrun / accelerate launch every rank runs this; one of them speaks.
+    say = print if trainer.accelerator.is_main_process else (lambda *args, **kwargs: None)
+    say(counts)
     if args.dry_run:
         # The plan needs the number of training images; reading the annotations is cheap, opening images is not.
         from cliptune.data import read_split
@@ -36,27 +38,27 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
                 records, _ = read_split(config.data, config.data.train_split)
                 images, captions = len(records), sum(len(r.captions) for r in records)
         except ValueError as err:
-            print(f"plan: data not readable ({err}); effective batch {config.train.effective_batch_size}")
+            say(f"plan: data not readable ({err}); effective batch {config.train.effective_batch_size}")
             return 0
         per_epoch = images if config.data.captions == "sample" else captions
         steps = plan_steps(per_epoch, config.train.effective_batch_size, 1)
         total = min(steps * config.train.epochs, config.train.max_steps or steps * config.train.epochs)
-        print(f"plan: {total} optimizer steps = {config.train.epochs} epoch(s) x {steps} steps; effective batch "
+        say(f"plan: {total} optimizer steps = {config.train.epochs} epoch(s) x {steps} steps; effective batch "
               f"{config.train.effective_batch_size} pairs ({per_epoch} pairs/epoch from {images} images); "
               f"accumulation {config.train.accumulation}; output {config.train.output_dir}")
         return 0
     plan = trainer.setup_data()
-    print(plan.describe())
+    say(plan.describe())
     trainer.setup()
     result = trainer.train()
-    print(f"trained {result.steps} steps in {result.train_seconds:.1f} s ({result.pairs_per_second:.1f} pairs/s); "
+    say(f"trained {result.steps} steps in {result.train_seconds:.1f} s ({result.pairs_per_second:.1f} pairs/s); "
           f"adapter: {result.adapter_dir}")
     if result.results:
         from cliptune.report import format_results_for_terminal
 
-        print(format_results_for_terminal(result.results))
+        say(format_results_for_terminal(result.results))
     if result.interrupted:
-        print(f"interrupted: resume with  cliptune train --config {result.output_dir / 'config.yaml'} --resume")
+        say(f"interrupted: resume with  cliptune train --config {result.output_dir / 'config.yaml'} --resume")
         return 130
     return 0
 
@@ -189,6 +191,34 @@ def _data_cache(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _data_pack(args: argparse.Namespace, extra: list[str]) -> int:
+    from cliptune.config import DataConfig
+    from cliptune.data import read_split
+    from cliptune.webdataset_source import write_webdataset
+
+    data = DataConfig(path=args.data)
+    most = 0
+    for split in args.splits.split(","):
+        records, _ = read_split(data, split)
+        shards = write_webdataset(records, str(Path(args.out) / f"{split}-%06d.tar"), args.shard_size, split=split)
+        most = max(most, len(shards))
+        print(f"{split}: {len(records)} images in {len(shards)} shards")
+    # Training reads the train split's range; a val split with fewer shards uses those that exist.
+    print(f"train from them with  --data.path '{Path(args.out)}/{{split}}-{{000000..{most - 1:06d}}}.tar'")
+    return 0
+
+
+def _data_unpack(args: argparse.Namespace, extra: list[str]) -> int:
+    from cliptune.webdataset_source import ShardStats, materialize_webdataset
+
+    stats = ShardStats()
+    jsonl = materialize_webdataset(args.shards, Path(args.out), split=args.split, stats=stats)
+    print(f"{stats.samples} samples extracted to {jsonl}; {len(stats.skipped)} skipped")
+    for name, why in stats.skipped[:20]:
+        print(f"  skipped {name}: {why}")
+    return 0
+
+
 def _bench(args: argparse.Namespace, extra: list[str]) -> int:
     import json
 
@@ -277,6 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "little more (256 for 224-px models, so random crops keep room)")
     cache.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
     cache.set_defaults(handler=_data_cache)
+
+    pack = data_sub.add_parser("pack", help="write a dataset's splits as WebDataset shards (images stored as they are)")
+    pack.add_argument("--data", required=True, help="annotations (data.path; any format cliptune reads)")
+    pack.add_argument("--out", required=True, help="folder for <split>-000000.tar, ...")
+    pack.add_argument("--splits", default="train,val", help="comma-separated splits to pack")
+    pack.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    pack.set_defaults(handler=_data_pack)
+
+    unpack = data_sub.add_parser("unpack", help="extract WebDataset shards to images/ + captions.jsonl")
+    unpack.add_argument("shards", help="shard pattern, e.g. 'shards/val-{000000..000004}.tar'")
+    unpack.add_argument("--out", required=True, help="target folder (captions.jsonl is appended to)")
+    unpack.add_argument("--split", default="train", help="split name for samples whose json has none")
+    unpack.set_defaults(handler=_data_unpack)
 
     bench = sub.add_parser("bench", help="speed of cliptune's path beside the naive loop, as one JSON object")
     bench.add_argument("--short", action="store_true", help="tiny step counts (a smoke test, < 1 min on a CPU)")

@@ -87,7 +87,8 @@ def read_split(cfg: DataConfig, split: str) -> tuple[list[ImageCaptions], SplitP
         "jsonl": _read_jsonl,
     }
     if fmt not in readers:
-        raise DataError(f"data.format {fmt!r} is streamed, not read as a list (use the WebDataset source)")
+        raise DataError(f"{path}: WebDataset shards are streamed by training, not read as a list; to evaluate or "
+                        "cache them, extract them first: cliptune data unpack '<pattern>' --out <folder>")
     grouped = readers[fmt](path, split, image_root)
     records = []
     for image_id, (image_path, captions) in grouped.items():

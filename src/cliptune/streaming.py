@@ -3,9 +3,11 @@
 What a rank sees is a pure function of (seed, epoch, rank), as in `pipeline`: the rank's shards in
 an order drawn from the seed, their (image, caption) pairs through a seeded shuffle buffer, cut into
 micro-batches. DataLoader workers split the *decoding*, not the reading: each worker reads the rank's
-whole stream (tar reading is ~1 % of the cost of decoding a JPEG) and decodes only the micro-batches
-the DataLoader will ask it for (round-robin). So the batches do not depend on the number of workers,
-and a resumed run skips the steps it has done without decoding a single image of them.
+whole stream and decodes only the micro-batches the DataLoader will ask it for (round-robin). So the
+batches do not depend on the number of workers, and a resumed run skips the steps it has done
+without decoding a single image of them. The price: reading a coco-mini sample from a tar took
+0.5 ms against 8.9 ms to decode and resize it, so with W workers a rank streams at most
+1 / (0.5 ms + 8.9 ms / W) samples a second (about 620/s at W = 8; ~80 % of ideal up to W = 4).
 
 An epoch is a fixed number of steps (planned from a count of the shards' samples); a rank whose
 shards run out first starts another pass over them, so every rank makes every step (DDP needs that).

@@ -190,10 +190,11 @@ class Trainer:
         cfg = self.config.data
         pattern = cfg.path.replace("{split}", cfg.train_split)
         self.shards = expand_shards(pattern)
-        missing = [s for s in self.shards if "://" not in s and not s.startswith("pipe:") and not Path(s).is_file()]
+        # Local (or mounted) files only: planning an epoch counts samples from the tar headers.
+        missing = [s for s in self.shards if not Path(s).is_file()]
         if missing:
-            raise TrainingError(f"data.path: {len(missing)} of {len(self.shards)} shards do not exist "
-                                f"(first: {missing[0]}; pattern {pattern})")
+            raise TrainingError(f"data.path: {len(missing)} of {len(self.shards)} shards are not local files "
+                                f"(first: {missing[0]}; pattern {pattern}); URLs and pipe: sources are not streamed")
         self.image_source = None
         self.shard_count = count_shards(self.shards)
         if self.shard_count.samples == 0:
@@ -212,12 +213,17 @@ class Trainer:
         if "{split}" not in cfg.path:
             raise DataError("data.path has no {split} placeholder, so the shards hold no separate val split")
         pattern = cfg.path.replace("{split}", cfg.val_split)
+        # One {split} pattern names as many shards for val as for train; val usually has fewer.
+        shards = [s for s in expand_shards(pattern) if Path(s).is_file()]
+        if not shards:
+            raise DataError(f"no val shard of {pattern} exists")
         folder = self.output_dir / "val-from-shards"
         if self.accelerator.is_main_process and not (folder / "captions.jsonl").is_file():
+            log.info("extracting the val split from %d shard(s) of %s", len(shards), pattern)
             partial = folder.with_name("val-from-shards.partial")
             shutil.rmtree(partial, ignore_errors=True)
             stats = ShardStats()
-            materialize_webdataset(pattern, partial, split=cfg.val_split, stats=stats)
+            materialize_webdataset("::".join(shards), partial, split=cfg.val_split, stats=stats)
             for name, why in stats.skipped:
                 self.bad_images.append((name, why))
             partial.rename(folder)  # complete or absent: an interrupted extraction starts over
@@ -573,8 +579,8 @@ class Trainer:
         self.model.train()
         previous_handlers = self._install_signal_handlers()
         interrupted = False
-        bar = tqdm(total=self.plan.total_steps, initial=self.step, desc="training", disable=not self.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=self.plan.total_steps, initial=self.step, desc="training", dynamic_ncols=True,
+                   disable=not (self.progress and self.accelerator.is_main_process))
         try:
             interrupted = self._loop(bar)
         finally:
