@@ -10,7 +10,7 @@ EXPECTED = {"device", "input_images_per_s", "speedup_cache_read_vs_decode", "spe
             "train_step_model_only_pairs_per_s", "speedup_train_model_only", "fast_path_precision",
             "train_end_to_end_pairs_per_s", "speedup_train_end_to_end", "eval_encode_pairs_per_s",
             "speedup_eval_encode", "peak_memory_mb_train_step", "peak_memory_mb_end_to_end",
-            "bf16_matmul_speedup_probe", "speedup_fast_dropout_model_only", "bench_seconds"}
+            "bf16_matmul_speedup_probe", "speedup_fast_lora_model_only", "bench_seconds"}
 
 
 def test_bench_short_prints_json(tiny_clip_dir, coco_mini, capsys):
@@ -18,5 +18,5 @@ def test_bench_short_prints_json(tiny_clip_dir, coco_mini, capsys):
     result = json.loads(capsys.readouterr().out)
     assert EXPECTED <= set(result)
     assert set(result["train_end_to_end_pairs_per_s"]) == {"naive", "cliptune"}
-    assert {"naive_fp32_pad77_return_loss", "cliptune_fp32", "cliptune_fp32_peft_dropout"} <= set(result["train_step_model_only_pairs_per_s"])
+    assert {"naive_fp32_pad77_return_loss", "cliptune_fp32", "cliptune_fp32_peft_lora"} <= set(result["train_step_model_only_pairs_per_s"])
     assert all(v > 0 for v in result["input_images_per_s"].values())

@@ -172,3 +172,110 @@ def test_interleave_shards_restores_item_order():
             local = items[rank::world]
             shards[rank, : len(local)] = local
         assert torch.equal(interleave_shards(shards, 7), items), world
+
+
+# -- gathering features of different row counts (a rank's micro-batch lost an unreadable image) ---------
+
+
+def _uneven_features():
+    g = torch.Generator().manual_seed(4)
+    image, text = torch.randn(7, 6, generator=g), torch.randn(7, 6, generator=g)
+    ids = torch.tensor([0, 1, 2, 2, 3, 4, 5])
+    return image, text, ids
+
+
+def _uneven_worker(rank: int, world: int, port: int, out: str) -> None:
+    from cliptune.loss import clip_loss, gather_ids, gather_with_grad
+
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+    image, text, ids = _uneven_features()
+    rows = slice(0, 3) if rank == 0 else slice(3, 7)  # 3 rows on rank 0, 4 on rank 1
+    local_image, local_text = image[rows].clone().requires_grad_(True), text[rows].clone().requires_grad_(True)
+    loss = clip_loss(gather_with_grad(local_image), gather_with_grad(local_text), torch.tensor(10.0),
+                     gather_ids(ids[rows]))
+    loss.backward()
+    torch.save({"loss": loss.detach(), "image_grad": local_image.grad, "text_grad": local_text.grad}, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_gather_with_grad_handles_ranks_with_different_row_counts(tmp_path):
+    from cliptune.loss import clip_loss
+
+    out = str(tmp_path / "uneven.pt")
+    mp.spawn(_uneven_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    image, text, ids = _uneven_features()
+    image.requires_grad_(True)
+    text.requires_grad_(True)
+    expected = clip_loss(image, text, torch.tensor(10.0), ids)
+    expected.backward()
+    for rank, rows in ((0, slice(0, 3)), (1, slice(3, 7))):
+        result = torch.load(f"{out}.{rank}", weights_only=True)
+        assert torch.allclose(result["loss"], expected.detach(), atol=1e-6)
+        # Each of the 2 ranks' losses used these rows: their gradient is 2x one loss's (DDP then averages).
+        assert torch.allclose(result["image_grad"] / 2, image.grad[rows], atol=1e-6)
+        assert torch.allclose(result["text_grad"] / 2, text.grad[rows], atol=1e-6)
+
+
+# -- a rank whose micro-batch is all unreadable images must not leave the other waiting ------------------
+
+
+def _bad_shard_worker(rank: int, world: int, port: int, model_dir: str, pattern: str, out: str) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    torch.set_num_threads(1)
+    config = load_config(None, {"model.name": model_dir, "data.path": pattern, "train.device": "cpu",
+                                "train.output_dir": f"{out}-run", "train.report": False, "lora.r": 2,
+                                "train.micro_batch_size": 2, "train.grad_accum_steps": 1, "train.epochs": 1,
+                                "data.num_workers": 0, "data.shuffle_buffer": 1})
+    trainer = Trainer(config, progress=False)
+    trainer.setup_model()
+    trainer.setup_data()
+    trainer.setup()
+    result = trainer.train()
+    torch.save({"steps": result.steps, "skipped": result.skipped_steps, "bad": len(result.bad_images)}, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_agree_to_skip_a_step_when_one_rank_has_no_readable_image(tiny_clip_dir, tmp_path):
+    """Shard 0 (rank 0) holds 4 good images; shard 1 (rank 1) one good image, then 3 corrupt ones. Rank 1's
+    first micro-batch is 1 good + 1 corrupt (uneven rows across ranks), its second all corrupt: both ranks
+    must skip that step together and finish (a hang fails the join timeout)."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    def sample(tar, key, data, caption):
+        for name, payload in ((f"{key}.png", data), (f"{key}.txt", caption.encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+    def png(colour):
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 40), colour).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    (tmp_path / "shards").mkdir()
+    with tarfile.open(tmp_path / "shards" / "train-000000.tar", "w") as tar:
+        for i in range(4):
+            sample(tar, f"good{i}", png((60 * i, 20, 200)), f"picture {i}")
+    with tarfile.open(tmp_path / "shards" / "train-000001.tar", "w") as tar:
+        sample(tar, "fine", png((10, 200, 10)), "a green picture")
+        for i in range(3):
+            sample(tar, f"bad{i}", b"\x89PNG not really", f"broken {i}")
+    out = str(tmp_path / "bad")
+    context = mp.spawn(_bad_shard_worker, args=(2, _free_port(), str(tiny_clip_dir),
+                                                str(tmp_path / "shards" / "{split}-{000000..000001}.tar"), out),
+                       nprocs=2, join=False)
+    for _ in range(120):
+        if context.join(timeout=1):
+            break
+    else:
+        for process in context.processes:
+            process.kill()
+        pytest.fail("the 2 ranks did not finish: a collective is waiting on one of them")
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 2  # 8 samples, 2 ranks x micro-batch 2
+    assert ranks[0]["skipped"] == ranks[1]["skipped"] == 1
+    assert ranks[1]["bad"] == 3

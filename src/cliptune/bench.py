@@ -3,8 +3,9 @@
 The naive loop is the seed notebook's: decode the JPEG in the training loop and run HF's
 `CLIPImageProcessor`, pad every caption to the full context (77 tokens for CLIP), use `CLIPModel(..., return_loss=True)`, fp32.
 cliptune's path: uint8 pixels read from the image cache (`cliptune.cache`), captions padded to the
-batch's longest, `cliptune.loss.clip_loss`, LoRA dropout masks from `cliptune.dropout.FastDropout`
-(PEFT's `nn.Dropout` in the naive loop), and bf16 autocast when it measures faster here.
+batch's longest, `cliptune.loss.clip_loss`, on a CPU `cliptune.fast_lora` (cheaper dropout masks
+and a fused LoRA branch; PEFT's own modules in the naive loop), and bf16 autocast when it measures
+faster here.
 Timings on a shared machine are noisy: compare the ratios (`speedup_*`), which come from one run.
 """
 
@@ -30,8 +31,9 @@ from cliptune.cache import ImageCache, build_cache
 from cliptune.config import DataConfig, LoraSettings, ModelConfig
 from cliptune.data import ImageCaptions, read_split
 from cliptune.evaluate import autocast_context, embed_images, embed_texts
+from cliptune.fast_lora import use_fast_lora
 from cliptune.images import ImageTransform, normalize_pixels, open_rgb
-from cliptune.lora import apply_lora, use_fast_dropout
+from cliptune.lora import apply_lora
 from cliptune.loss import clip_loss
 from cliptune.model import RANDOM_VIT_B_32, Preprocessing, load_model
 from cliptune.pipeline import PairCollator, PairDataset, StepBatchSampler, epoch_pairs, tokenize_captions
@@ -251,7 +253,7 @@ class _Bench:
                 "attention_mask": text["attention_mask"]}
 
     def _naive_step(self, optimizer, batch: dict[str, torch.Tensor]) -> int:
-        self._dropout(fast=False)  # the seed's PEFT: nn.Dropout on each LoRA branch
+        self._lora_path(fast=False)  # the seed's PEFT: lora.Linear with nn.Dropout
         batch = {k: v.to(self.device) for k, v in batch.items()}
         loss = self.model.net(**batch, return_loss=True).loss
         loss.backward()
@@ -259,11 +261,11 @@ class _Bench:
         optimizer.zero_grad(set_to_none=True)
         return len(batch["input_ids"])
 
-    def _dropout(self, fast: bool) -> None:
+    def _lora_path(self, fast: bool) -> None:
         # Swapping walks every module (~12 ms for ViT-B/32): only when the kind changes.
-        if getattr(self, "_fast_dropout", None) != fast:
-            use_fast_dropout(self.model, fast)
-            self._fast_dropout = fast
+        if getattr(self, "_fast_lora", None) != fast:
+            use_fast_lora(self.model, fast)
+            self._fast_lora = fast
 
     def _fast_tensors(self, step: int) -> dict[str, torch.Tensor]:
         batch = PairCollator(self.tokens)([self._dataset()[(0, i, 0)] for i in self._batch_indices(step)])
@@ -277,8 +279,8 @@ class _Bench:
         return PairDataset(self.records, self.tokens, self.transform, 0, 100_000_000, image_source=self.cache)
 
     def _fast_step(self, optimizer, batch: dict, precision: str, channels_last: bool = False, model=None,
-                   fast_dropout: bool = True) -> int:
-        self._dropout(fast=fast_dropout)
+                   fast_lora: bool = True) -> int:
+        self._lora_path(fast=fast_lora)
         model = model if model is not None else self.model
         pixels = normalize_pixels(batch["pixels"].to(self.device, non_blocking=True),
                                   self.preprocessing.image_mean, self.preprocessing.image_std)
@@ -312,10 +314,9 @@ class _Bench:
         if self.device.type == "cuda":
             unfused = self._optimizer(False)
             fns["cliptune_bf16_unfused_adamw"] = lambda: self._fast_step(unfused, fast_batch, "bf16")
-        else:  # what FastDropout adds on a CPU, timed beside the rest
-            peft_dropout = self._optimizer(fused)
-            fns["cliptune_fp32_peft_dropout"] = lambda: self._fast_step(peft_dropout, fast_batch, "fp32",
-                                                                        fast_dropout=False)
+        else:  # what cliptune.fast_lora adds on a CPU, timed beside the rest
+            peft_lora = self._optimizer(fused)
+            fns["cliptune_fp32_peft_lora"] = lambda: self._fast_step(peft_lora, fast_batch, "fp32", fast_lora=False)
         memory: dict[str, float] = {}
         rates = _rates(fns, self.steps, self.warmup, self.device, memory)
         self.precision = max(candidates, key=lambda p: rates[f"cliptune_{p}"])
@@ -341,9 +342,9 @@ class _Bench:
         self.results["fast_path_precision"] = self.precision
         self.results["speedup_train_model_only"] = round(
             rates[f"cliptune_{self.precision}"] / rates["naive_fp32_pad77_return_loss"], 2)
-        self.results["speedup_fast_dropout_model_only"] = (
-            round(rates["cliptune_fp32"] / rates["cliptune_fp32_peft_dropout"], 2)
-            if "cliptune_fp32_peft_dropout" in rates else None)
+        self.results["speedup_fast_lora_model_only"] = (
+            round(rates["cliptune_fp32"] / rates["cliptune_fp32_peft_lora"], 2)
+            if "cliptune_fp32_peft_lora" in rates else None)
         self.results["speedup_bf16_vs_fp32_model_only"] = (
             round(rates["cliptune_bf16"] / rates["cliptune_fp32"], 2)
             if "cliptune_fp32" in rates and "cliptune_bf16" in rates else None)

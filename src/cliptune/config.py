@@ -45,9 +45,9 @@ class LoraSettings:
     """LoRA scaling numerator (the update is scaled by alpha / r, or alpha / sqrt(r) with rsLoRA)."""
     dropout: float = 0.1
     """Dropout on the LoRA branch input. 0.1 is the seed recipe's."""
-    fast_dropout: bool = True
-    """Draw LoRA dropout masks 4 entries per random number on CPUs (`cliptune.dropout`; p is quantised
-    to 1/65536). Off: PEFT's own `nn.Dropout`."""
+    fast_path: bool = True
+    """On CPUs, LoRA dropout masks drawn 4 entries per random number (p quantised to 1/65536) and the
+    LoRA branch fused into the base layer's matmul (`cliptune.fast_lora`). Off: PEFT's own modules."""
     target_modules: list[str] | None = None
     """Leaf module names to adapt in each LoRA tower. None: the model family's attention + MLP layers
     (q_proj k_proj v_proj out_proj fc1 fc2 for CLIP and SigLIP)."""

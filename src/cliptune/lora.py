@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cliptune.config import ConfigError, LoraSettings
-from cliptune.dropout import FastDropout
+from cliptune.fast_lora import use_fast_lora
 from cliptune.model import ContrastiveModel
 
 TOWER_PREFIXES = {"vision": "vision_model", "text": "text_model"}
@@ -107,7 +107,7 @@ def apply_lora(model: ContrastiveModel, settings: LoraSettings) -> ParameterCoun
             bias="none",
         )
         model.net = peft.get_peft_model(base, config)
-        use_fast_dropout(model, settings.fast_dropout)
+        use_fast_lora(model.net, settings.fast_path)
     else:
         # No LoRA layer anywhere (towers frozen/full): train the chosen modules directly.
         for name, module in base.named_modules():
@@ -117,27 +117,6 @@ def apply_lora(model: ContrastiveModel, settings: LoraSettings) -> ParameterCoun
     for param in scale_params:
         param.requires_grad_(settings.train_logit_scale)
     return count_parameters(model.net)
-
-
-def use_fast_dropout(model: ContrastiveModel, enabled: bool) -> int:
-    """Swap the LoRA branches' `nn.Dropout` for `dropout.FastDropout` (or back). Returns how many
-    were swapped. Dropout holds no weights, so adapters save and load the same either way."""
-    swapped = 0
-    for module in model.net.modules():
-        dropouts = getattr(module, "lora_dropout", None)
-        if not isinstance(dropouts, nn.ModuleDict):
-            continue
-        for name, layer in dropouts.items():
-            if enabled and type(layer) is nn.Dropout:
-                replacement = FastDropout(layer.p)
-            elif not enabled and isinstance(layer, FastDropout):
-                replacement = nn.Dropout(layer.p)
-            else:
-                continue
-            replacement.train(layer.training)
-            dropouts[name] = replacement
-            swapped += 1
-    return swapped
 
 
 def save_adapter(model: ContrastiveModel, out_dir: Path) -> None:

@@ -640,22 +640,19 @@ class Trainer:
                         log.warning("skipping unreadable image %s: %s", path, why)
                         self.bad_images.append((path, why))
                 micro = [b for b in micro if "pixels" in b]
-                loss = self.train_step(micro) if micro else torch.tensor(float("nan"))
-                loss_value = float(self.accelerator.reduce(loss.to(self.device), reduction="mean"))
-                if not math.isfinite(loss_value):
+                if world > 1 and not self._on_every_rank(len(micro) == count):
+                    # The step's collectives run once per micro-batch on every rank: a rank that lost a
+                    # whole micro-batch to unreadable images would leave the others waiting. All skip it.
+                    micro = []
+                if not micro:
+                    log.warning("step %d skipped: a micro-batch had no readable image", self.step)
                     self.optimizer.zero_grad(set_to_none=True)
                     self.skipped_steps += 1
-                    self.nonfinite_in_row += 1
-                    log.warning("non-finite loss at step %d: step skipped (%d in a row)", self.step, self.nonfinite_in_row)
-                    if self.nonfinite_in_row >= cfg.max_nonfinite_steps:
-                        raise TrainingError(
-                            f"{self.nonfinite_in_row} non-finite losses in a row (train.max_nonfinite_steps); "
-                            f"stopping. The last good checkpoint in {self.checkpoint_root} is intact; lower "
-                            f"train.lr or use precision fp32/bf16, then --resume.")
                     self.scheduler.step()
+                    loss_value = float("nan")
                 else:
-                    self.nonfinite_in_row = 0
-                    self.optimizer_step()
+                    loss_value = float(self.accelerator.reduce(self.train_step(micro).to(self.device), reduction="mean"))
+                    self._step_or_skip_nonfinite(loss_value)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 elapsed = time.perf_counter() - started
@@ -681,6 +678,28 @@ class Trainer:
                 if self._stop_signal is not None:
                     return True
         return False
+
+    def _step_or_skip_nonfinite(self, loss_value: float) -> None:
+        cfg = self.config.train
+        if math.isfinite(loss_value):
+            self.nonfinite_in_row = 0
+            self.optimizer_step()
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self.nonfinite_in_row += 1
+        log.warning("non-finite loss at step %d: step skipped (%d in a row)", self.step, self.nonfinite_in_row)
+        if self.nonfinite_in_row >= cfg.max_nonfinite_steps:
+            raise TrainingError(
+                f"{self.nonfinite_in_row} non-finite losses in a row (train.max_nonfinite_steps); "
+                f"stopping. The last good checkpoint in {self.checkpoint_root} is intact; lower "
+                f"train.lr or use precision fp32/bf16, then --resume.")
+        self.scheduler.step()
+
+    def _on_every_rank(self, condition: bool) -> bool:
+        flag = torch.tensor([1 if condition else 0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
 
     def _save_or_warn(self) -> None:
         try:
