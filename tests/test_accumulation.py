@@ -193,7 +193,7 @@ def test_gradient_checkpointing_changes_memory_not_gradients(model_dir, accumula
     results = []
     for checkpointing in (False, True):
         trainer = make_trainer(model_dir, accumulation, micro=2, accum=3, checkpointing=checkpointing)
-        assert getattr(trainer.model.base, "is_gradient_checkpointing", False) == checkpointing
+        assert trainer.model.base.is_activation_checkpointing == checkpointing
         rng = torch.get_rng_state()
         loss = trainer.train_step(make_batches(trainer, [2, 2, 2]))
         torch.set_rng_state(rng)
