@@ -1,5 +1,7 @@
 """Real pretrained towers, offline: the demo runs, and training on real photos clearly helps."""
 
+import torch
+
 from cliptune.cli import main
 
 
@@ -22,3 +24,17 @@ def test_quick_demo_runs_offline_end_to_end(tmp_path, capsys, monkeypatch):
     for name in ("report.md", "report.html", "loss.png", "similarity.png", "adapter/adapter_config.json"):
         assert (tmp_path / "demo" / "run" / name).is_file(), name
     assert (tmp_path / "demo" / "scenes" / "captions.jsonl").is_file()
+
+
+def test_demo_base_model_is_the_same_every_time(tmp_path):
+    """The composed heads start random; the demo seeds them so its numbers reproduce run to run."""
+    from safetensors.torch import load_file
+
+    from cliptune.demo import prepare_base_model
+
+    torch.manual_seed(123)
+    first = load_file(prepare_base_model(tmp_path / "a") / "model.safetensors")
+    torch.manual_seed(456)  # whatever the caller's RNG holds
+    second = load_file(prepare_base_model(tmp_path / "b") / "model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)

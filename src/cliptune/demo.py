@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cliptune.config import load_config
 from cliptune.train import Trainer, TrainResult
 
@@ -45,7 +47,11 @@ def prepare_base_model(out_dir: Path) -> Path:
 
     folder = out_dir / "base-model"
     if not (folder / "config.json").is_file():
-        model, tokenizer = compose_dual_encoder("efficientnet_lite0", "minilm", projection_dim=256)
+        # The projection heads start random: seed them, so every demo run starts from the same model
+        # (and reports the same numbers), without touching the caller's RNG.
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model, tokenizer = compose_dual_encoder("efficientnet_lite0", "minilm", projection_dim=256)
         save_composed(model, tokenizer, folder)
     return folder
 
