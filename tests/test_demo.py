@@ -8,7 +8,7 @@ from cliptune.cli import main
 def test_fine_tuned_heads_beat_the_untrained_model_on_coco_mini_val(coco_mini_finetuned):
     _, result = coco_mini_finetuned
     before, after = result.results["zero-shot"], result.results["fine-tuned"]
-    # Untrained heads sit at chance (R@1 = 2 with 50 images); measured after training: 42.0 / 33.2.
+    # Untrained heads sit at chance (R@1 = 2 with 50 images); measured after training: 30.0 / 34.4.
     assert before["image_to_text_R@1"] < 10 and before["text_to_image_R@1"] < 10
     assert after["image_to_text_R@1"] >= before["image_to_text_R@1"] + 20
     assert after["text_to_image_R@1"] >= before["text_to_image_R@1"] + 15
