@@ -161,19 +161,6 @@ def test_two_process_evaluation_gathers_the_whole_split(tiny_clip_dir, tmp_path)
     assert ranks[0]["metrics"] == ranks[1]["metrics"]  # the same gathered tensors on every rank
 
 
-def test_interleave_shards_restores_item_order():
-    from cliptune.evaluate import interleave_shards
-
-    items = torch.arange(7 * 2).view(7, 2)
-    for world in (1, 2, 3, 7, 8):
-        rows = -(-7 // world)
-        shards = torch.full((world, rows, 2), -1)
-        for rank in range(world):
-            local = items[rank::world]
-            shards[rank, : len(local)] = local
-        assert torch.equal(interleave_shards(shards, 7), items), world
-
-
 # -- gathering features of different row counts (a rank's micro-batch lost an unreadable image) ---------
 
 

@@ -26,7 +26,7 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     if args.dry_run:
         # The plan needs the number of training images; reading the annotations is cheap, opening images is not.
         from cliptune.data import read_split
-        from cliptune.pipeline import plan_steps
+        from cliptune.train import plan_training
 
         try:
             if config.data.streams_shards:
@@ -40,19 +40,15 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         except ValueError as err:
             say(f"plan: data not readable ({err}); effective batch {config.train.effective_batch_size}")
             return 0
-        per_epoch = images if config.data.captions == "sample" else captions
-        steps = plan_steps(per_epoch, config.train.effective_batch_size, 1)
-        total = min(steps * config.train.epochs, config.train.max_steps or steps * config.train.epochs)
-        say(f"plan: {total} optimizer steps = {config.train.epochs} epoch(s) x {steps} steps; effective batch "
-              f"{config.train.effective_batch_size} pairs ({per_epoch} pairs/epoch from {images} images); "
-              f"accumulation {config.train.accumulation}; output {config.train.output_dir}")
+        plan = plan_training(images, captions, config, trainer.accelerator.num_processes)
+        say(f"{plan.describe()}; accumulation {config.train.accumulation}; output {config.train.output_dir}")
         return 0
     plan = trainer.setup_data()
     say(plan.describe())
     trainer.setup()
     result = trainer.train()
     say(f"trained {result.steps} steps in {result.train_seconds:.1f} s ({result.pairs_per_second:.1f} pairs/s); "
-          f"adapter: {result.adapter_dir}")
+        f"adapter: {result.adapter_dir}")
     if result.results:
         from cliptune.report import format_results_for_terminal
 

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from cliptune.data import ImageCaptions, flatten_captions
 from cliptune.images import ImageTransform, normalize_pixels
+from cliptune.loss import gather_rows
 from cliptune.metrics import retrieval_metrics
 from cliptune.model import ContrastiveModel, Preprocessing
 from cliptune.pipeline import decode_pixels
@@ -99,35 +100,23 @@ def embed_split(model: ContrastiveModel, records: list[ImageCaptions], preproces
     )
 
 
-def interleave_shards(shards: torch.Tensor, total: int) -> torch.Tensor:
-    """Undo strided sharding: `shards` is (world, rows, ...) where shard r holds items r, r+world,
-    r+2*world, ... (padded at the end to a common row count). Returns the `total` items in order."""
-    # Item i lives in shard i % world at row i // world: reading row-major over (row, shard) is item order.
-    return shards.transpose(0, 1).reshape(-1, *shards.shape[2:])[:total]
-
-
 def embed_split_sharded(model: ContrastiveModel, records: list[ImageCaptions], preprocessing: Preprocessing,
-                        device: torch.device, gather, rank: int, world_size: int, batch_size: int = 64,
+                        device: torch.device, rank: int, world_size: int, batch_size: int = 64,
                         max_pixels: int = 100_000_000, precision: str = "fp32", image_source=None) -> SplitEmbeddings:
-    """`embed_split` across processes: each rank encodes every world_size-th image and caption, and
-    `gather` (a callable taking this rank's (rows, D) tensor, padded to the common row count, and
-    returning the (world_size * rows, D) concatenation in rank order: accelerate's `gather`) joins them.
-    Every rank returns the same, complete SplitEmbeddings. Each rank must hold at least one image."""
+    """`embed_split` across processes: each rank encodes a contiguous share of the images and of the
+    captions, and `loss.gather_rows` joins the shares in rank order, which is split order. Every rank
+    returns the same, complete SplitEmbeddings. Each rank must hold at least one image."""
     texts, index = flatten_captions(records)
 
-    def gather_in_order(local: torch.Tensor, total: int) -> torch.Tensor:
-        rows = -(-total // world_size)  # ceil: rank 0's share
-        padded = torch.zeros(rows, local.shape[1], dtype=local.dtype)
-        padded[: len(local)] = local
-        joined = gather(padded.to(device)).cpu()
-        return interleave_shards(joined.view(world_size, rows, -1), total)
+    def share(items: list) -> list:
+        return items[len(items) * rank // world_size: len(items) * (rank + 1) // world_size]
 
-    image_local = embed_images(model, records[rank::world_size], preprocessing, device, batch_size, 0, max_pixels,
-                               precision, image_source, progress=False)
-    text_local = embed_texts(model, texts[rank::world_size], preprocessing, device, max(batch_size, 128), precision,
+    image_local = embed_images(model, share(records), preprocessing, device, batch_size, 0, max_pixels, precision,
+                               image_source, progress=False)
+    text_local = embed_texts(model, share(texts), preprocessing, device, max(batch_size, 128), precision,
                              progress=False)
-    return SplitEmbeddings(image_emb=gather_in_order(image_local, len(records)),
-                           text_emb=gather_in_order(text_local, len(texts)),
+    return SplitEmbeddings(image_emb=gather_rows(image_local.to(device)).cpu(),
+                           text_emb=gather_rows(text_local.to(device)).cpu(),
                            text_image_index=torch.tensor(index, dtype=torch.long), texts=texts)
 
 
@@ -142,6 +131,6 @@ def top_captions(embeddings: SplitEmbeddings, image_index: int, k: int = 5) -> l
     return [(int(i), float(v)) for i, v in zip(indices, values)]
 
 
-__all__ = ["SplitEmbeddings", "embed_images", "embed_texts", "embed_split", "embed_split_sharded", "interleave_shards",
-           "score_embeddings", "top_captions",
+__all__ = ["SplitEmbeddings", "embed_images", "embed_texts", "embed_split", "embed_split_sharded", "score_embeddings",
+           "top_captions",
            "autocast_context"]

@@ -26,6 +26,8 @@ adapter batches) goes through PEFT's own forward.
 
 from __future__ import annotations
 
+import math
+
 import peft
 import torch
 import torch.nn.functional as F
@@ -42,9 +44,7 @@ def quantized_drop_probability(p: float) -> float:
 
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
     """Bool mask, True with probability 1 - quantized_drop_probability(p), entries independent."""
-    count = 1
-    for size in shape:
-        count *= size
+    count = math.prod(shape)
     bits = torch.randint(-(1 << 63), (1 << 63) - 1, ((count + 3) // 4,), dtype=torch.int64, device=device)
     slices = bits.view(torch.int16)[:count].view(shape)  # uniform over [-32768, 32767]
     threshold = round(p * _LEVELS) - (_LEVELS // 2)

@@ -50,13 +50,7 @@ def open_rgb(path: Path, max_pixels: int = 100_000_000, draft_size: int | None =
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                if image.width * image.height > max_pixels:
-                    raise ImageError(f"{path}: {image.width}x{image.height} pixels exceeds data.max_image_pixels="
-                                     f"{max_pixels} (possible decompression bomb)")
-                if draft_size is not None and image.format == "JPEG":
-                    image.draft("RGB", (draft_size, draft_size))
-                image.load()
-                return _to_rgb(ImageOps.exif_transpose(image))
+                return decode_opened(image, str(path), max_pixels, draft_size)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -67,6 +61,19 @@ def open_rgb(path: Path, max_pixels: int = 100_000_000, draft_size: int | None =
         raise ImageError(f"{path}: unreadable image ({err})") from None
     except (ValueError, SyntaxError) as err:
         raise ImageError(f"{path}: corrupt image ({err})") from None
+
+
+def decode_opened(image: Image.Image, name: str, max_pixels: int, draft_size: int | None = None) -> Image.Image:
+    """An opened (not yet decoded) PIL image -> 8-bit upright RGB; more than `max_pixels` is refused
+    before decoding. Shared by files (`open_rgb`) and bytes (`webdataset_source.decode_image_bytes`),
+    which each map PIL's errors to an ImageError naming their source."""
+    if image.width * image.height > max_pixels:
+        raise ImageError(f"{name}: {image.width}x{image.height} pixels exceeds data.max_image_pixels="
+                         f"{max_pixels} (possible decompression bomb)")
+    if draft_size is not None and image.format == "JPEG":
+        image.draft("RGB", (draft_size, draft_size))
+    image.load()
+    return _to_rgb(ImageOps.exif_transpose(image))
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

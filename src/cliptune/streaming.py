@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import random
 import tarfile
 from collections.abc import Iterator
@@ -30,7 +29,13 @@ from cliptune.data import DataError
 from cliptune.images import ImageError, ImageTransform
 from cliptune.model import Preprocessing
 from cliptune.pipeline import pad_token_batch, pad_token_id, tokenize_texts
-from cliptune.webdataset_source import IMAGE_EXTENSIONS, ShardStats, decode_image_bytes, iter_raw_samples
+from cliptune.webdataset_source import (
+    IMAGE_EXTENSIONS,
+    ShardStats,
+    decode_image_bytes,
+    iter_raw_samples,
+    sample_captions,
+)
 
 
 def expand_shards(pattern: str) -> list[str]:
@@ -70,7 +75,7 @@ def count_shards(shards: list[str]) -> ShardCount:
                 if not any(ext in parts for ext in IMAGE_EXTENSIONS):
                     skipped.append((name, f"no image member (.{', .'.join(IMAGE_EXTENSIONS)})"))
                     continue
-                n = _caption_count(archive, parts)
+                n = _caption_count(archive, parts, name)
                 if n:
                     samples, captions = samples + 1, captions + n
                 else:
@@ -78,19 +83,13 @@ def count_shards(shards: list[str]) -> ShardCount:
     return ShardCount(samples, captions, skipped)
 
 
-def _caption_count(archive: tarfile.TarFile, parts: dict[str, tarfile.TarInfo]) -> int:
+def _caption_count(archive: tarfile.TarFile, parts: dict[str, tarfile.TarInfo], name: str) -> int:
+    """How many captions the stream will find in this sample (0: it skips the sample)."""
+    sample = {ext: archive.extractfile(parts[ext]).read() for ext in ("txt", "json") if ext in parts}
     try:
-        if "txt" in parts:
-            text = archive.extractfile(parts["txt"]).read().decode("utf-8")
-            return sum(1 for line in text.splitlines() if line.strip())
-        if "json" in parts:
-            meta = json.loads(archive.extractfile(parts["json"]).read())
-            many = meta.get("captions", meta.get("caption"))
-            many = [many] if isinstance(many, str) else list(many or [])
-            return sum(1 for c in many if str(c).strip())
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        return 0  # the stream skips (and reports) the same sample
-    return 0
+        return len(sample_captions(sample, name))
+    except (ValueError, UnicodeDecodeError):  # the stream skips (and reports) the same sample
+        return 0
 
 
 def sample_image_id(shard: str, key: str) -> int:

@@ -29,7 +29,7 @@ from cliptune.data import DataError, ImageCaptions, SplitProblems, read_split
 from cliptune.evaluate import autocast_context, embed_split, embed_split_sharded, score_embeddings
 from cliptune.images import ImageTransform, normalize_pixels
 from cliptune.lora import ParameterCount, apply_lora, save_adapter
-from cliptune.loss import clip_loss, gather_ids, gather_with_grad, siglip_loss
+from cliptune.loss import clip_loss, gather_ids, gather_sizes, gather_with_grad, siglip_loss
 from cliptune.model import ContrastiveModel, load_model
 from cliptune.pipeline import (
     PairCollator,
@@ -82,6 +82,19 @@ class TrainResult:
     interrupted: bool = False
     skipped_steps: int = 0
     bad_images: list[tuple[str, str]] = field(default_factory=list)
+
+
+def plan_training(images: int, captions: int, config: RunConfig, world_size: int) -> TrainPlan:
+    """Steps per epoch and in all, from the training split's image and caption counts."""
+    cfg = config.train
+    per_epoch = images if config.data.captions == "sample" else captions
+    effective = cfg.effective_batch_size * world_size
+    steps_per_epoch = plan_steps(per_epoch, effective, world_size)
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    return TrainPlan(images, per_epoch, steps_per_epoch, total, math.ceil(total / steps_per_epoch), effective,
+                     world_size)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -238,22 +251,11 @@ class Trainer:
                            desc=f"checking {split} images")
 
     def _plan(self) -> TrainPlan:
-        cfg = self.config.train
-        world = self.accelerator.num_processes
         if self.shards is not None:
-            images = self.shard_count.samples
-            per_epoch = images if self.config.data.captions == "sample" else self.shard_count.captions
+            images, captions = self.shard_count.samples, self.shard_count.captions
         else:
-            images = len(self.train_records)
-            per_epoch = images if self.config.data.captions == "sample" else \
-                sum(len(r.captions) for r in self.train_records)
-        effective = cfg.effective_batch_size * world
-        steps_per_epoch = plan_steps(per_epoch, effective, world)
-        total = steps_per_epoch * cfg.epochs
-        if cfg.max_steps is not None:
-            total = min(total, cfg.max_steps)
-        epochs = math.ceil(total / steps_per_epoch)
-        return TrainPlan(images, per_epoch, steps_per_epoch, total, epochs, effective, world)
+            images, captions = len(self.train_records), sum(len(r.captions) for r in self.train_records)
+        return plan_training(images, captions, self.config, self.accelerator.num_processes)
 
     def setup(self) -> None:
         """Model, data, optimizer, schedule, and (with resume) the checkpoint's state. The first two
@@ -401,8 +403,7 @@ class Trainer:
             for i, (pixels, ids, mask, image_ids) in enumerate(inputs):
                 with self._no_sync(i == len(inputs) - 1):
                     image, text = self._encode(pixels, ids, mask)
-                    loss = self.loss_fn(gather_with_grad(image), gather_with_grad(text), self.model,
-                                        gather_ids(image_ids)) / len(inputs)
+                    loss = self._global_loss(image, text, image_ids) / len(inputs)
                     self._backward([loss])
                 losses.append(loss.detach())
             return torch.stack(losses).sum()
@@ -419,7 +420,7 @@ class Trainer:
         image_all = torch.cat(image_cache).requires_grad_(True)
         text_all = torch.cat(text_cache).requires_grad_(True)
         image_ids = torch.cat([x[3] for x in inputs])
-        loss = self.loss_fn(gather_with_grad(image_all), gather_with_grad(text_all), self.model, gather_ids(image_ids))
+        loss = self._global_loss(image_all, text_all, image_ids)
         self._backward([loss])
         image_grads = image_all.grad.split([len(x) for x in image_cache])
         text_grads = text_all.grad.split([len(x) for x in text_cache])
@@ -431,6 +432,14 @@ class Trainer:
                 self._backward([image.float(), text.float()], [image_grads[i], text_grads[i]])
         after.restore()
         return loss.detach()
+
+    def _global_loss(self, image: torch.Tensor, text: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+        """The loss over every rank's pairs: features gathered with their gradients, one row count exchange."""
+        if self.accelerator.num_processes == 1:
+            return self.loss_fn(image, text, self.model, image_ids)
+        sizes = gather_sizes(len(image), image.device)
+        return self.loss_fn(gather_with_grad(image, sizes), gather_with_grad(text, sizes), self.model,
+                            gather_ids(image_ids, sizes))
 
     def _sync_scale_grads(self) -> None:
         if self.accelerator.num_processes == 1:
@@ -472,7 +481,7 @@ class Trainer:
         world = self.accelerator.num_processes
         if world > 1 and len(self.val_records) >= world:
             embeddings = embed_split_sharded(self.model, self.val_records, self.preprocessing, self.device,
-                                             self.accelerator.gather, self.accelerator.process_index, world,
+                                             self.accelerator.process_index, world,
                                              cfg.train.eval_batch_size, cfg.data.max_image_pixels, self.precision,
                                              image_source=self.image_source)
         else:  # one process, or fewer images than processes: every rank encodes the whole (small) split

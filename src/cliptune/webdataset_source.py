@@ -19,10 +19,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from cliptune.data import ImageCaptions
-from cliptune.images import ImageError, _to_rgb
+from cliptune.images import ImageError, decode_opened
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _SUFFIX_TO_EXTENSION = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
@@ -44,24 +44,23 @@ def decode_image_bytes(data: bytes, name: str, max_pixels: int = 100_000_000,
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
-                if image.width * image.height > max_pixels:
-                    raise ImageError(f"{name}: {image.width}x{image.height} pixels exceeds {max_pixels}")
-                if draft_size is not None and image.format == "JPEG":
-                    image.draft("RGB", (draft_size, draft_size))
-                image.load()
-                return _to_rgb(ImageOps.exif_transpose(image))
+                return decode_opened(image, name, max_pixels, draft_size)
     except ImageError:
         raise
     except Exception as err:  # PIL raises many types for corrupt bytes; each means "unusable"
         raise ImageError(f"{name}: unreadable image ({type(err).__name__}: {err})") from None
 
 
-def _captions(sample: dict, key: str) -> list[str]:
+def sample_captions(sample: dict, key: str) -> list[str]:
+    """The non-empty captions of a sample's `.txt` (one a line) or `.json` (`captions` or `caption`)
+    member, given as bytes. A missing or malformed member raises ValueError (or UnicodeDecodeError)."""
     if "txt" in sample:
         text = sample["txt"].decode("utf-8") if isinstance(sample["txt"], bytes) else sample["txt"]
         return [line.strip() for line in text.splitlines() if line.strip()]
     if "json" in sample:
         meta = json.loads(sample["json"]) if isinstance(sample["json"], (bytes, str)) else sample["json"]
+        if not isinstance(meta, dict):
+            raise ValueError(f"{key}: .json holds a {type(meta).__name__}, not an object")
         many = meta.get("captions", meta.get("caption"))
         many = [many] if isinstance(many, str) else list(many or [])
         return [str(c).strip() for c in many if str(c).strip()]
@@ -103,7 +102,7 @@ def iter_raw_samples(urls: str | list[str], stats: ShardStats | None = None) -> 
         name = f"{url}:{sample.get('__key__', '?')}"
         try:
             _, data = _image_member(sample)
-            captions = _captions(sample, name)
+            captions = sample_captions(sample, name)
             if not captions:
                 raise ValueError("no non-empty caption")
         except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
