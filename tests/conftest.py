@@ -49,8 +49,9 @@ def save_tiny_clip(out: Path, tok, image_size: int = 32, seed: int = 0) -> Path:
     model = transformers.CLIPModel(tiny_clip_config(tok, image_size))
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    transformers.CLIPImageProcessor(size={"shortest_edge": image_size},
-                                    crop_size={"height": image_size, "width": image_size}).save_pretrained(out)
+    # The PIL class saves the same preprocessor_config.json as CLIPImageProcessor (which needs torchvision).
+    transformers.CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                       crop_size={"height": image_size, "width": image_size}).save_pretrained(out)
     return out
 
 
@@ -64,6 +65,7 @@ def save_tiny_siglip(out: Path, tok, image_size: int = 32, seed: int = 0) -> Pat
     model = transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=vision))
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    transformers.SiglipImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(out)
     return out
 
 

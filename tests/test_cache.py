@@ -109,7 +109,8 @@ def test_cli_data_cache_caches_every_split(dataset, tmp_path, capsys):
 
     jsonl, _, _ = dataset
     out = tmp_path / "cli-cache"
-    assert main(["data", "cache", "--data", str(jsonl), "--out", str(out), "--size", "40", "--workers", "1"]) == 0
+    assert main(["data", "cache", "--data.path", str(jsonl), "--data.cache_dir", str(out), "--size", "40",
+                 "--data.num_workers", "1"]) == 0
     printed = capsys.readouterr().out
     assert "split 'test' skipped" in printed and "8 images at 40x40" in printed
     assert len(ImageCache.open(out)) == 8 and ImageCache.open(out).complete

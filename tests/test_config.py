@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_seed_config_loads_with_the_seed_recipe():
-    config = load_config(REPO / "configs" / "flickr30k_vitb32_lora.yaml")
+    config = load_config(REPO / "src" / "cliptune" / "configs" / "flickr30k_vitb32_lora.yaml")
     assert config.model.name == "openai/clip-vit-base-patch32"
     assert (config.lora.r, config.lora.alpha, config.lora.dropout) == (16, 32, 0.1)
     assert config.lora.target_modules == ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -48,7 +48,7 @@ def test_bad_keys_and_values_are_refused_naming_the_field(overrides, message):
 
 
 def test_saved_config_reloads_identically(tmp_path):
-    config = load_config(REPO / "configs" / "flickr30k_vitb32_lora.yaml", {"train.lr": 3e-4})
+    config = load_config(REPO / "src" / "cliptune" / "configs" / "flickr30k_vitb32_lora.yaml", {"train.lr": 3e-4})
     save_config(config, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == config
 
@@ -61,3 +61,13 @@ def test_cli_refuses_a_typo_with_exit_code_2(capsys):
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_config_names_fall_back_to_the_configs_shipped_in_the_package(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the packaged one is read
+    assert load_config("configs/flickr30k_vitb32_lora.yaml").lora.r == 16
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "flickr30k_vitb32_lora.yaml").write_text("lora:\n  r: 4\n", encoding="utf-8")
+    assert load_config("configs/flickr30k_vitb32_lora.yaml").lora.r == 4  # a file of that name here wins
+    with pytest.raises(ConfigError, match=r"config file not found: configs/nope.yaml .*configs/coco_mini_tiny.yaml"):
+        load_config("configs/nope.yaml")

@@ -162,3 +162,18 @@ def test_cli_download_fetches_both_files_from_the_hub_dataset(tmp_path, monkeypa
     assert asked == [("nlphuji/flickr30k", "flickr_annotations_30k.csv", "dataset"),
                      ("nlphuji/flickr30k", "flickr30k-images.zip", "dataset")]
     assert "{'train': 1, 'val': 1, 'test': 1}" in capsys.readouterr().out
+
+
+def test_flickr30k_download_reads_with_the_csv_alone(tmp_path):
+    """`cliptune eval --data data/flickr30k/flickr_annotations_30k.csv` (the README's command) sets no
+    image_root: the images unpacked into flickr30k-images/ beside the CSV must be found."""
+    rows = [("10.jpg", "train"), ("11.jpg", "val"), ("12.jpg", "test")]
+    csv_path = _flickr_csv(tmp_path / "flickr_annotations_30k.csv", rows)
+    archive = tmp_path / "flickr30k-images.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name, _ in rows:
+            zf.writestr(f"flickr30k-images/{name}", b"bytes of " + name.encode())
+    layout = lay_out_flickr30k(csv_path, archive, tmp_path / "data" / "flickr30k")
+    records, _ = read_split(DataConfig(path=str(layout.annotations)), "test")
+    assert [r.image_path for r in records] == [layout.image_root / "12.jpg"]
+    assert records[0].image_path.read_bytes() == b"bytes of 12.jpg"

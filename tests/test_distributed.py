@@ -104,6 +104,42 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tiny_clip_dir
             assert (result["grads"][name] - grad).abs().max() <= 1e-5 * scale, name
 
 
+def _siglip_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    torch.set_num_threads(1)
+    trainer = _with_trainable_scales(make_trainer(model_dir, "exact", micro=2, accum=2))
+    share = len(TEXTS) // world
+    batches = make_batches(trainer, range(rank * share, (rank + 1) * share), micro=2)
+    torch.save(step_result(trainer, batches, "exact"), f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def _with_trainable_scales(trainer: Trainer) -> Trainer:
+    # DDP leaves the temperature and bias to the trainer's own averaging, so they can be switched on after wrapping.
+    trainer.model.logit_scale.requires_grad_(True)
+    trainer.model.logit_bias.requires_grad_(True)
+    return trainer
+
+
+def test_siglip_loss_across_two_processes_equals_one_process(tiny_siglip_dir, tmp_path):
+    """The sigmoid loss over features gathered from 2 gloo ranks (duplicate image ids within and across
+    ranks) gives one process's loss and gradients: LoRA factors, temperature and bias."""
+    out = str(tmp_path / "siglip.pt")
+    mp.spawn(_siglip_worker, args=(2, _free_port(), str(tiny_siglip_dir), out), nprocs=2, join=True)
+    single = _with_trainable_scales(make_trainer(str(tiny_siglip_dir), "exact", micro=4, accum=2))
+    assert single.model.family == "siglip"
+    expected = step_result(single, make_batches(single, range(8), micro=4), "exact")
+    assert {"logit_scale", "logit_bias"} <= {name.rsplit(".", 1)[-1] for name in expected["grads"]}
+    for rank in range(2):
+        result = torch.load(f"{out}.{rank}", weights_only=True)
+        assert torch.allclose(result["loss"], expected["loss"], atol=1e-5)
+        assert result["grads"].keys() == expected["grads"].keys()
+        for name, grad in expected["grads"].items():
+            scale = grad.abs().max().clamp_min(1e-6)
+            assert (result["grads"][name] - grad).abs().max() <= 1e-5 * scale, name
+
+
 # -- evaluation: every rank encodes its share, the gathered embeddings are the whole split's ---------------
 
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import make_image_folder_dataset
 from PIL import Image
 
 from cliptune.config import LoraSettings, ModelConfig
@@ -94,9 +93,11 @@ def test_merged_model_matches_base_plus_adapter_in_plain_transformers(family, ba
     assert (text - ref_text).abs().max() < 1e-5 and (unit(text) - unit(ref_text)).abs().max() < 1e-5
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
     assert tokenizer("a dog")["input_ids"] == preprocessing.tokenizer("a dog")["input_ids"]
-    if family != "dual":
-        processor = transformers.AutoImageProcessor.from_pretrained(str(tmp_path / "merged"))
-        assert tuple(processor.image_mean) == pytest.approx(preprocessing.image_mean)
+    # Every family's export has the preprocessor_config.json docs/deploy.md lists (the dual encoder's too).
+    processor = transformers.AutoImageProcessor.from_pretrained(str(tmp_path / "merged"))
+    assert tuple(processor.image_mean) == pytest.approx(preprocessing.image_mean)
+    assert processor.crop_size == {"height": preprocessing.image_size, "width": preprocessing.image_size} \
+        or processor.size == {"height": preprocessing.image_size, "width": preprocessing.image_size}
 
 
 @pytest.fixture(scope="module", params=["clip", "siglip"])
@@ -146,30 +147,123 @@ def test_model_card_front_matter_lora_and_metrics(onnx_export):
     base, _, result = onnx_export
     card = (result.out_dir / "README.md").read_text()
     front = card.split("---")[1]
-    assert "library_name: transformers" in front and f"base_model: {base}" in front and "- lora" in front
+    assert "library_name: transformers" in front and "- lora" in front
+    # A local folder is no hub id: the hub's base_model field is left out, the card names the folder in full.
+    assert "base_model" not in front and f"`{Path(base).resolve()}` (a local folder)" in card
     assert "| r | 4 |" in card and "| fine-tuned |" in card and "30.00" in card
     assert "onnxruntime" in card
     assert {"model.safetensors", "onnx/image_encoder.onnx", "onnx/text_encoder.int8.onnx",
             "onnx/preprocessing.json"} <= set(result.files)
 
 
-def test_measure_quantization(onnx_export, tmp_path):
-    from cliptune.config import DataConfig
-    from cliptune.data import read_split
+def _distinct_photos(root: Path, n: int = 12) -> list:
+    """Records whose images all differ after resizing (flat colours tie exactly, and R@1 then
+    depends on how ties break), each with two different captions."""
+    from cliptune.data import ImageCaptions
 
+    rng = np.random.default_rng(0)
+    words = "dog cat red blue car tree sea house sky green bird boat".split()
+    records = []
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        path = root / f"{i:02d}.png"
+        Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((48, 40), Image.NEAREST).save(path)
+        captions = tuple(" ".join(rng.choice(words, size=2 + j)) for j in range(2))
+        records.append(ImageCaptions(str(i), path, captions))
+    return records
+
+
+def test_measure_quantization(onnx_export, tmp_path):
     _, _, result = onnx_export
-    records, _ = read_split(DataConfig(path=str(make_image_folder_dataset(tmp_path))), "train")
+    records = _distinct_photos(tmp_path / "photos")
     report = measure_quantization(result.out_dir / "onnx", records, batch_size=4)
-    assert 0 <= report.int8["text_to_image_R@1"] <= 100 and report.speedup > 0
-    assert "int8 vs fp32" in report.describe()
+    # Each encoder's R@1 recomputed here by brute force on its own embeddings: a caption hits when its
+    # image scores highest; an image hits when its best caption is one of its own.
+    texts = [caption for record in records for caption in record.captions]
+    owner = np.array([i for i, record in enumerate(records) for _ in record.captions])
+    embedded = {}
+    for quantized, metrics in ((False, report.fp32), (True, report.int8)):
+        embedder = OnnxEmbedder(result.out_dir / "onnx", quantized=quantized, batch_size=4)
+        image, text = embedder.embed_images([r.image_path for r in records]), embedder.embed_texts(texts)
+        embedded[quantized] = image, text
+        similarity = text @ image.T  # (n_texts, n_images)
+        assert metrics["text_to_image_R@1"] == pytest.approx(100 * np.mean(similarity.argmax(1) == owner), abs=1e-4)
+        assert metrics["image_to_text_R@1"] == pytest.approx(
+            100 * np.mean(owner[similarity.argmax(0)] == np.arange(len(records))), abs=1e-4)
+    # int8 is close to fp32 on the same data, embedding by embedding (cosine; measured >= 0.9989 on
+    # these tiny models) and in R@1: at most one image's worth (8.3 points, two captions) apart.
+    for fp32, int8 in zip(embedded[False], embedded[True]):
+        assert (fp32 * int8).sum(axis=1).min() > 0.99
+    for name in ("image_to_text_R@1", "text_to_image_R@1"):
+        assert abs(report.delta(name)) <= 100 / len(records) + 1e-6, report.describe()
+    assert report.speedup == pytest.approx(report.fp32_seconds / report.int8_seconds)
+    assert (f"text_to_image_R@1 {report.fp32['text_to_image_R@1']:.2f} -> {report.int8['text_to_image_R@1']:.2f}"
+            in report.describe())
 
 
 def test_export_cli(tiny_clip_dir, tmp_path, capsys):
     from cliptune.cli import main
 
     adapter = save_random_adapter(str(tiny_clip_dir), tmp_path / "adapter")
-    assert main(["export", "--model", str(tiny_clip_dir), "--adapter", str(adapter), "--out", str(tmp_path / "out"),
+    assert main(["export", "--model.name", str(tiny_clip_dir), "--adapter", str(adapter), "--out", str(tmp_path / "out"),
                  "--onnx"]) == 0
     assert (tmp_path / "out" / "onnx" / "text_encoder.onnx").is_file()
     assert "MB" in capsys.readouterr().out
-    assert main(["export", "--model", str(tiny_clip_dir), "--out", str(tmp_path / "o2"), "--quantize"]) == 2
+    assert main(["export", "--model.name", str(tiny_clip_dir), "--out", str(tmp_path / "o2"), "--int8"]) == 2
+
+
+def _card(tmp_path: Path, base: str, family: str, run_config: str | None, metrics: dict | None) -> str:
+    from cliptune.export import write_model_card
+
+    adapter = tmp_path / "runs" / "r1" / "adapter"
+    adapter.mkdir(parents=True)
+    if run_config is not None:
+        (adapter.parent / "config.yaml").write_text(run_config, encoding="utf-8")
+    out = tmp_path / "export"
+    out.mkdir()
+    return write_model_card(out, base, family, adapter, metrics, onnx=False, quantized=False).read_text()
+
+
+RUN_CONFIG = """model: {name: openai/clip-vit-base-patch32}
+data: {path: data/flickr30k/flickr_annotations_30k.csv, format: auto, image_root: null, train_split: train,
+       val_split: val, captions: sample, max_images: null}
+train: {epochs: 3, micro_batch_size: 8, grad_accum_steps: 4, accumulation: exact, lr: 0.0001, schedule: cosine,
+        warmup_ratio: 0.05, weight_decay: 0.0, seed: 0}
+"""
+
+
+@pytest.mark.parametrize("family, says", [("clip", "A CLIP dual encoder"), ("siglip", "A SigLIP dual encoder"),
+                                          ("dual", "A dual encoder composed from a pretrained vision backbone")])
+def test_model_card_describes_the_model_the_base_and_the_training_data(tmp_path, monkeypatch, family, says):
+    monkeypatch.chdir(tmp_path)  # no local folder named like the hub id
+    metrics = {"zero-shot": {"image_to_text_R@1": 1.0, "rsum": 9.0}, "fine-tuned": {"image_to_text_R@1": 5.0,
+                                                                                   "rsum": 20.0}}
+    card = _card(tmp_path, "openai/clip-vit-base-patch32", family, RUN_CONFIG, metrics)
+    front, body = card.split("---")[1], card.split("---", 2)[2]
+    assert "base_model: openai/clip-vit-base-patch32" in front.splitlines()
+    assert says in body and "dual dual" not in card
+    assert "https://github.com/)" not in card  # no placeholder link
+    assert "[`openai/clip-vit-base-patch32`](https://huggingface.co/openai/clip-vit-base-patch32)" in body
+    data = body.split("## Training data")[1].split("##")[0]
+    assert "`data/flickr30k/flickr_annotations_30k.csv` (auto)" in data
+    assert "trained on `train`, scored on `val`" in data and "8 x 4 pairs (exact accumulation)" in data
+    assert "| fine-tuned | 5.00 | 20.00 |" in body
+
+
+def test_model_card_with_a_local_base_and_no_run_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "openai" / "clip-vit-base-patch32").mkdir(parents=True)  # a local folder named like a hub id
+    card = _card(tmp_path, "openai/clip-vit-base-patch32", "clip", None, None)
+    assert "base_model" not in card.split("---")[1]
+    assert f"`{tmp_path / 'openai' / 'clip-vit-base-patch32'}` (a local folder)" in card
+    assert "Not recorded: no config.yaml beside the adapter (`r1/`)" in card
+    for base in ("random:clip-vit-b-32", "../models/x"):
+        assert "base_model" not in _card(tmp_path / base.replace("/", "_"), base, "clip", None, None).split("---")[1]
+
+
+def test_model_card_reads_cliptune_eval_metrics(tmp_path):
+    metrics = {"results": {"base": {"text_to_image_R@1": 2.0}, "run-a": {"text_to_image_R@1": 7.5}},
+               "images_scored": 50, "captions_scored": 250, "skipped": []}
+    card = _card(tmp_path, "org/model", "siglip", RUN_CONFIG, metrics)
+    assert "| run-a | 7.50 |" in card and "| base | 2.00 |" in card
+    assert "50 images, 250 captions" in card

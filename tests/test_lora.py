@@ -151,10 +151,12 @@ def test_adapter_scale_zero_is_zero_shot_and_one_is_fine_tuned(tiny_clip_dir):
 
 
 def test_adapter_for_another_base_is_refused(tiny_clip_dir, tmp_path, tokenizer):
-    from conftest import save_tiny_clip
-
-    model, _ = load_model(ModelConfig(name=str(tiny_clip_dir)))
+    model, preprocessing = load_model(ModelConfig(name=str(tiny_clip_dir)))
     apply_lora(model, LoraSettings(r=4))
+    with torch.no_grad():  # lora_B starts at zero: make the adapter change the model
+        for name, param in model.net.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
     save_adapter(model, tmp_path / "adapter")
     other_dir = tmp_path / "other"
     import transformers as tf
@@ -166,9 +168,20 @@ def test_adapter_for_another_base_is_refused(tiny_clip_dir, tmp_path, tokenizer)
     tf.CLIPModel(cfg).save_pretrained(other_dir)
     tokenizer.save_pretrained(other_dir)
     other, _ = load_model(ModelConfig(name=str(other_dir)))
-    with pytest.raises(ConfigError, match="does not fit"):
+    with pytest.raises(ConfigError, match="does not fit") as refused:
         load_adapter(other, tmp_path / "adapter")
-    assert save_tiny_clip  # the helper the fixtures use is importable for ad-hoc models
+    assert str(tmp_path / "adapter") in str(refused.value)  # the message names the adapter
+    # The same adapter does load into the base it was made for: the refusal is about the base.
+    own, _ = load_model(ModelConfig(name=str(tiny_clip_dir)))
+    pixels, ids, mask = _batch(preprocessing)
+    model.eval()
+    with torch.no_grad():
+        base_text = own.encode_texts(ids, mask)
+        load_adapter(own, tmp_path / "adapter")
+        own.eval()
+        assert torch.allclose(own.encode_texts(ids, mask), model.encode_texts(ids, mask), atol=1e-6)
+        assert torch.allclose(own.encode_images(pixels), model.encode_images(pixels), atol=1e-6)
+        assert not torch.allclose(own.encode_texts(ids, mask), base_text, atol=1e-3)
 
 
 def test_count_parameters_counts_requires_grad():
@@ -176,3 +189,158 @@ def test_count_parameters_counts_requires_grad():
     layer.bias.requires_grad_(False)
     counts = count_parameters(layer)
     assert (counts.trainable, counts.total) == (6, 8)
+
+
+# --------------------------------------------------------------------------------------------------
+# Every kind of run: its adapter is plain PEFT, and its scale moves every trained weight (WiSE-FT)
+# --------------------------------------------------------------------------------------------------
+
+RUN_KINDS = {
+    "lora": {"lora.train_logit_scale": True},
+    "heads": {"lora.vision": "frozen", "lora.text": "frozen", "lora.train_projections": True,
+              "lora.train_logit_scale": True},
+    "heads+lora": {"lora.train_projections": True},
+    "full": {"lora.vision": "full", "lora.text": "frozen"},
+    "full+lora": {"lora.vision": "full", "lora.text": "lora", "lora.train_logit_scale": True},
+    "dual-heads": {"lora.vision": "frozen", "lora.text": "frozen", "lora.train_logit_scale": True},
+}
+
+
+def _save_tiny_dual(out, tokenizer):
+    """A composed dual encoder (2-layer, 32-wide ViT + BERT, fresh 16-d heads), saved as a model folder."""
+    from cliptune.dual_encoder import compose_dual_encoder, save_composed
+
+    torch.manual_seed(0)
+    vit = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                       intermediate_size=37, image_size=32, patch_size=8))
+    vit.save_pretrained(out / "vit")
+    (out / "vit" / "preprocessor_config.json").write_text(
+        '{"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "size": {"height": 32, "width": 32}}')
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32,
+                                                          num_hidden_layers=2, num_attention_heads=2,
+                                                          intermediate_size=37, max_position_embeddings=64))
+    bert.save_pretrained(out / "bert")
+    tokenizer.save_pretrained(out / "bert")
+    model, tok = compose_dual_encoder(str(out / "vit"), str(out / "bert"), projection_dim=16)
+    return save_composed(model, tok, out / "dual")
+
+
+def _embed(model, pixels, ids, mask):
+    model.eval()
+    with torch.no_grad():
+        return model.encode_images(pixels), model.encode_texts(ids, mask)
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory, tiny_clip_dir, tokenizer):
+    """One tiny run of each kind: 3 steps at lr 0.05, so every trained weight really moves. Returns
+    kind -> (base model folder, adapter folder, the in-memory fine-tuned embeddings of `_batch`)."""
+    from conftest import make_image_folder_dataset
+
+    from cliptune.config import load_config
+    from cliptune.train import Trainer
+
+    root = tmp_path_factory.mktemp("runs")
+    data = make_image_folder_dataset(root / "data", n_images=12)
+    dual_dir = _save_tiny_dual(root / "dual-model", tokenizer)
+    runs = {}
+    for kind, settings in RUN_KINDS.items():
+        model_dir = dual_dir if kind.startswith("dual") else tiny_clip_dir
+        config = load_config(None, {
+            "model.name": str(model_dir), "data.path": str(data), "train.output_dir": str(root / kind),
+            "lora.r": 4, "lora.alpha": 8, "lora.dropout": 0.0, "train.micro_batch_size": 4,
+            "train.grad_accum_steps": 1, "train.max_steps": 3, "train.lr": 0.05, "train.warmup_ratio": 0.0,
+            "train.report": False, "train.save_every": 0, "data.num_workers": 0, **settings})
+        trainer = Trainer(config, progress=False)
+        trainer.setup()
+        trainer.train()
+        pixels, ids, mask = _batch(trainer.preprocessing)
+        runs[kind] = (model_dir, root / kind / "adapter", _embed(trainer.model, pixels, ids, mask),
+                      float(trainer.model.logit_scale.detach()))
+    return runs
+
+
+@pytest.mark.parametrize("kind", list(RUN_KINDS))
+def test_scale_moves_every_trained_weight_from_zero_shot_to_fine_tuned(trained_runs, kind):
+    model_dir, adapter, trained, _ = trained_runs[kind]
+    base, preprocessing = load_model(ModelConfig(name=str(model_dir)))
+    inputs = _batch(preprocessing)
+    zero_shot = _embed(base, *inputs)
+    model, _ = load_model(ModelConfig(name=str(model_dir)))
+    load_adapter(model, adapter)
+    fine_tuned = _embed(model, *inputs)
+    for got, expected in zip(fine_tuned, trained):
+        torch.testing.assert_close(got, expected)  # the saved adapter is what training produced
+    moved = [not torch.equal(a, b) for a, b in zip(zero_shot, fine_tuned)]
+    assert any(moved), "training did not move the embeddings: the test would prove nothing"
+    tuned_scale = model.logit_scale.detach().clone()
+
+    set_adapter_scale(model, 0.0)
+    for got, expected in zip(_embed(model, *inputs), zero_shot):
+        assert torch.equal(got, expected)  # exactly the base model, heads and towers included
+    assert torch.equal(model.logit_scale, base.logit_scale)
+    set_adapter_scale(model, 0.5)
+    half = _embed(model, *inputs)
+    for was_moved, h, a, b in zip(moved, half, zero_shot, fine_tuned):
+        if was_moved:
+            assert not torch.equal(h, a) and not torch.equal(h, b)
+    set_adapter_scale(model, 1.0)
+    for got, expected in zip(_embed(model, *inputs), fine_tuned):
+        assert torch.equal(got, expected)
+    assert torch.equal(model.logit_scale, tuned_scale)
+
+
+@pytest.mark.parametrize("kind", list(RUN_KINDS))
+def test_every_run_adapter_loads_with_plain_peft(trained_runs, kind):
+    model_dir, adapter, trained, _ = trained_runs[kind]
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    # Plain transformers + plain PEFT, no cliptune code (the composed model type needs registering).
+    import cliptune.dual_encoder  # noqa: F401
+
+    base_class = transformers.AutoModel if kind.startswith("dual") else transformers.CLIPModel
+    plain = peft.PeftModel.from_pretrained(base_class.from_pretrained(str(model_dir)), str(adapter)).eval()
+    _, preprocessing = load_model(ModelConfig(name=str(model_dir)))
+    pixels, ids, mask = _batch(preprocessing)
+    with torch.no_grad():
+        image = plain.get_image_features(pixel_values=pixels)
+        text = plain.get_text_features(input_ids=ids, attention_mask=mask)
+    image = getattr(image, "pooler_output", image)
+    text = getattr(text, "pooler_output", text)
+    torch.testing.assert_close(image, trained[0])
+    torch.testing.assert_close(text, trained[1])
+
+
+def test_adapter_written_before_heads_were_peft_still_loads_and_scales(trained_runs, tmp_path):
+    from safetensors.torch import save_file
+
+    from cliptune.lora import SCALE_FILE
+
+    model_dir, adapter, trained, logit_scale = trained_runs["heads"]
+    fine, _ = load_model(ModelConfig(name=str(model_dir)))
+    load_adapter(fine, adapter)
+    # The old layout: the trained tensors under their model names, beside the temperature file.
+    legacy = tmp_path / "old-adapter"
+    legacy.mkdir()
+    heads = {f"{name}.weight": getattr(fine.base, name).weight.detach().clone()
+             for name in ("visual_projection", "text_projection")}
+    save_file({**heads, "logit_scale": fine.logit_scale.detach().reshape(())}, str(legacy / "trained_modules.safetensors"))
+    (legacy / SCALE_FILE).write_bytes((adapter / SCALE_FILE).read_bytes())
+
+    base, preprocessing = load_model(ModelConfig(name=str(model_dir)))
+    inputs = _batch(preprocessing)
+    model, _ = load_model(ModelConfig(name=str(model_dir)))
+    load_adapter(model, legacy)
+    for got, expected in zip(_embed(model, *inputs), trained):
+        torch.testing.assert_close(got, expected)
+    assert float(model.logit_scale) == pytest.approx(logit_scale)
+    set_adapter_scale(model, 0.0)
+    for got, expected in zip(_embed(model, *inputs), _embed(base, *inputs)):
+        assert torch.equal(got, expected)
+
+
+def test_training_the_heads_does_not_count_peft_base_copies(tiny_clip_dir):
+    model, _ = load_model(ModelConfig(name=str(tiny_clip_dir)))
+    total = sum(p.numel() for p in model.parameters())
+    counts = apply_lora(model, LoraSettings(vision="frozen", text="frozen", train_projections=True))
+    heads = sum(getattr(model.base, n).original_module.weight.numel() for n in ("visual_projection", "text_projection"))
+    assert (counts.trainable, counts.total) == (heads, total)

@@ -3,6 +3,7 @@ checkpoints fall back to the previous one, non-finite losses are skipped then st
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import logging
@@ -191,14 +192,68 @@ def _nan_on(trainer, steps: set[int]):
     trainer.train_step = step
 
 
+def _snapshot(trainer) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
+    """Every trainable parameter and the optimizer's per-parameter state (AdamW's moments and step
+    counts), copied, and the parameters still holding a gradient. The param groups' lr is left out:
+    the schedule advances on a skipped step too."""
+    params = {n: p.detach().clone() for n, p in trainer._trainable_state().items()}
+    state = copy.deepcopy(trainer.optimizer.state_dict()["state"])
+    grads_left = [n for n, p in trainer._trainable_state().items() if p.grad is not None]
+    return params, state, grads_left
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for key in a:
+        if a[key].keys() != b[key].keys():
+            return False
+        for name, value in a[key].items():
+            other = b[key][name]
+            if isinstance(value, torch.Tensor):
+                if not torch.equal(value, other):
+                    return False
+            elif value != other:
+                return False
+    return True
+
+
 def test_nonfinite_losses_are_skipped_and_counted(tiny_clip_dir, tmp_path):
     trainer = _trainer(tiny_clip_dir, tmp_path, max_steps=4, max_nonfinite_steps=3)
+    # The NaN is forced onto the loss value only: the gradients stay finite, so a trainer that steps
+    # anyway would change the weights without making them non-finite. Only a snapshot shows it.
     _nan_on(trainer, {2, 3})
-    before = {n: p.detach().clone() for n, p in trainer._trainable_state().items()}
+    snapshots: dict[str, dict[int, tuple]] = {"before": {}, "after": {}}
+    nan_step = trainer.train_step
+
+    def train_step(micro):
+        snapshots["before"][trainer.step + 1] = _snapshot(trainer)
+        return nan_step(micro)
+
+    trainer.train_step = train_step
+    log_metrics = trainer.log_metrics
+
+    def log_and_snapshot(record):
+        if "train_loss" in record:  # written once the step is finished (train.log_every=1)
+            snapshots["after"][record["step"]] = _snapshot(trainer)
+        log_metrics(record)
+
+    trainer.log_metrics = log_and_snapshot
     result = trainer.train()
     assert result.steps == 4 and result.skipped_steps == 2
     assert not result.interrupted
-    assert any(not torch.equal(before[n], p) for n, p in trainer._trainable_state().items())
+    assert sorted(snapshots["before"]) == sorted(snapshots["after"]) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        params_before, state_before, _ = snapshots["before"][step]
+        params_after, state_after, grads_left = snapshots["after"][step]
+        assert grads_left == [], f"step {step} left gradients behind for the next step: {grads_left[:3]}"
+        changed = [n for n in params_before if not torch.equal(params_before[n], params_after[n])]
+        if step in (2, 3):  # skipped: nothing the optimizer owns moves
+            assert changed == [], f"step {step} was skipped but changed {changed[:3]}"
+            assert _same_state(state_before, state_after), f"step {step} was skipped but the optimizer state changed"
+        else:  # the good steps around them do train (so the comparison above can see a change)
+            assert changed, f"step {step} changed no parameter"
+            assert not _same_state(state_before, state_after)
     assert all(torch.isfinite(p).all() for p in trainer._trainable_state().values())
 
 

@@ -167,5 +167,12 @@ def test_coco_mini_caption_finds_its_photo(coco_mini, coco_mini_finetuned, tmp_p
     index.search(records[0].captions[0], k=5)
     print(f"coco-mini val: {hits}/20 captions find their photo in the top 5; "
           f"one search {1000 * (time.perf_counter() - start):.1f} ms over {len(index.paths)} photos")
-    assert index.search(records[0].captions[0], k=5)  # a result list
+    # The index answers what a brute-force scan of the same embeddings does: the 5 best photos, best
+    # first, with their cosines.
+    query = records[0].captions[0]
+    scores = index.embedder.embed_images([photos / p for p in index.paths]) @ index.embedder.embed_texts([query])[0]
+    best = np.argsort(-scores)[:5]
+    found = index.search(query, k=5)
+    assert [Path(p).name for p, _ in found] == [Path(index.paths[i]).name for i in best]
+    assert [score for _, score in found] == pytest.approx(scores[best].tolist(), abs=1e-5)
     assert hits >= 10  # measured 13/20 on the build machine (print above, with -s)

@@ -181,7 +181,7 @@ def test_cli_pack_then_train_streams_with_a_val_split_of_fewer_shards(tiny_clip_
     from cliptune.cli import main
 
     jsonl = make_image_folder_dataset(tmp_path / "data", n_images=16)  # 12 train, 4 val
-    assert main(["data", "pack", "--data", str(jsonl), "--out", str(tmp_path / "shards"), "--shard-size", "3"]) == 0
+    assert main(["data", "pack", "--data.path", str(jsonl), "--out", str(tmp_path / "shards"), "--shard-size", "3"]) == 0
     printed = capsys.readouterr().out
     assert "train: 12 images in 4 shards" in printed and "val: 4 images in 2 shards" in printed
     pattern = str(tmp_path / "shards" / "{split}-{000000..000003}.tar")

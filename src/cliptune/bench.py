@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from cliptune.cache import ImageCache, build_cache
-from cliptune.config import DataConfig, LoraSettings, ModelConfig
+from cliptune.config import DataConfig, LoraSettings, ModelConfig, UsageError
 from cliptune.data import ImageCaptions, read_split
 from cliptune.evaluate import autocast_context, embed_images, embed_texts
 from cliptune.fast_lora import use_fast_lora
@@ -37,8 +37,8 @@ from cliptune.lora import apply_lora
 from cliptune.loss import clip_loss
 from cliptune.model import RANDOM_VIT_B_32, Preprocessing, load_model
 from cliptune.pipeline import PairCollator, PairDataset, StepBatchSampler, epoch_pairs, tokenize_captions
+from cliptune.runtime import resolve_device
 
-COCO_MINI = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "coco-mini"
 log = logging.getLogger(__name__)
 
 
@@ -46,8 +46,10 @@ log = logging.getLogger(__name__)
 class BenchOptions:
     model: str = RANDOM_VIT_B_32
     """Model to time: `random:clip-vit-b-32` (ViT-B/32 shapes, no download) or a CLIP folder / hub id."""
-    data: Path = COCO_MINI
-    """Folder with COCO-format `captions_train.json` and its images."""
+    data: Path | None = None
+    """Annotations whose train split is timed (any format `data.path` takes), or a folder with COCO's
+    `captions_train.json` and its images. Required: the figures depend on the photos (JPEG decode cost),
+    so the bench never picks a folder by itself."""
     device: str = "auto"
     batch: int = 8
     """Micro-batch of the training step (pairs)."""
@@ -63,12 +65,6 @@ class BenchOptions:
     workers: int = 0
     """DataLoader workers of cliptune's end-to-end path (cache reads are cheap; 0 leaves the cores to the model)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _sync(device: torch.device) -> None:
@@ -166,7 +162,7 @@ def _naive_decode(path: Path) -> Image.Image:
 class _Bench:
     def __init__(self, options: BenchOptions):
         self.options = options
-        self.device = resolve_device(options.device)
+        self.device = resolve_device(options.device)  # the CLI flag is --train.device, as everywhere
         self.steps = options.steps or (1 if options.short else 6)
         self.warmup = 1
         self.results: dict = {}
@@ -175,7 +171,12 @@ class _Bench:
 
     def setup(self, cache_dir: Path) -> None:
         opts = self.options
-        records, _ = read_split(DataConfig(path=str(Path(opts.data) / "captions_{split}.json")), "train")
+        if opts.data is None:
+            raise UsageError("bench: no data: give --data.path, annotations or a folder with captions_train.json "
+                             "and its images (the README's figures: ../shared/data/coco-mini)")
+        # A folder is read as COCO's layout; anything else is an annotation source, as data.path is everywhere.
+        source = Path(opts.data) / "captions_{split}.json" if Path(opts.data).is_dir() else Path(opts.data)
+        records, _ = read_split(DataConfig(path=str(source)), "train")
         records = records[:16] if opts.short else records
         # A batch larger than the data set (batch 256 on a GPU) repeats images: each copy is its own pair.
         self.records: list[ImageCaptions] = records * -(-opts.batch // len(records))

@@ -3,10 +3,14 @@
 Decoding a JPEG costs milliseconds; reading 256x256x3 bytes from a memory-mapped file costs
 microseconds. `build_cache` writes, in `cache_dir`:
 
-- `images.u8`: a `np.memmap` of shape (N, S, S, 3) uint8; row i is image i, shorter side resized
-  to S then centre-cropped (S a little above the model input, e.g. 256 for 224, so random crops
-  still have room).
-- `index.json`: {"size": S, "paths": {absolute path: row}, "bad": [[path, reason], ...]}.
+- `images.u8`: a `np.memmap` of shape (N, S, S, 3) uint8; row i is image i, resized to S by a
+  `ResizeRule` (default CLIP's: shorter side to S, then the centre square). Built at the model's
+  input size with the model's rule, a row is exactly what the model's image processor makes before
+  its rescale and normalisation, so training and evaluation read it as is. Built a little larger
+  (e.g. 256 for 224) it leaves random crops room, but un-augmented pixels are then resized twice:
+  close to the processor's, not identical (`ImageCache.mismatch` says why; the trainer warns).
+- `index.json`: {"size": S, "resize": ResizeRule.to_dict(), "paths": {absolute path: row},
+  "bad": [[path, reason], ...]}. A cache without "resize" predates exact preprocessing.
 - `done.npy`: one byte a row (0 to do, 1 cached, 2 unreadable), flushed every few seconds. An
   interrupted build resumes where it stopped: finished rows are not decoded again.
 
@@ -17,6 +21,7 @@ microseconds. `build_cache` writes, in `cache_dir`:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
@@ -29,7 +34,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from cliptune.data import ImageCaptions
-from cliptune.images import ImageError, open_rgb, resize_center_crop
+from cliptune.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, ImageTransform, ResizeRule, open_rgb
+
+log = logging.getLogger(__name__)
 
 IMAGES_FILE = "images.u8"
 INDEX_FILE = "index.json"
@@ -88,13 +95,14 @@ def _worker_init(images_path: str, shape: tuple[int, ...]) -> None:
     _worker_images = np.memmap(images_path, dtype=np.uint8, mode="r+", shape=shape)
 
 
-def _decode_rows(jobs: list[tuple[int, str]], size: int, max_pixels: int) -> list[tuple[int, str | None]]:
+def _decode_rows(jobs: list[tuple[int, str]], size: int, rule: ResizeRule,
+                 max_pixels: int) -> list[tuple[int, str | None]]:
     """Decode and write each (row, path) into the shared memory map; return (row, error or None)."""
     out = []
     for row, path in jobs:
         try:
-            # draft() picks the largest JPEG scale that keeps both sides >= size: the shorter side is never upscaled.
-            image = resize_center_crop(open_rgb(Path(path), max_pixels, draft_size=size), size)
+            # A full decode (no JPEG draft): a reduced-scale decode would not give the processor's pixels.
+            image = rule.apply(open_rgb(Path(path), max_pixels), size)
             _worker_images[row] = np.asarray(image, dtype=np.uint8)
             out.append((row, None))
         except ImageError as err:
@@ -109,13 +117,17 @@ def _write_json(path: Path, value) -> None:
 
 
 def build_cache(records, cache_dir: str | os.PathLike, size: int = 256, workers: int | None = None,
-                max_pixels: int = 100_000_000, progress: bool = True, chunk: int = 16) -> CacheStats:
+                max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, progress: bool = True, chunk: int = 16,
+                rule: ResizeRule | None = None) -> CacheStats:
     """Decode every image of `records` (a list of ImageCaptions or paths, or {split: list}) once into
-    `cache_dir`. Resumes an interrupted build of the same images; unreadable images are skipped and listed."""
+    `cache_dir`, resized to `size` by `rule` (default CLIP's; pass `Preprocessing.resize_rule` and
+    `image_size` for the model's exact pixels). Resumes an interrupted build of the same images;
+    unreadable images are skipped and listed."""
     started = time.perf_counter()
     cache_dir = Path(cache_dir)
     if size < 8:
         raise CacheError(f"size: {size} is too small for an image cache (use the model input size or a bit more)")
+    rule = (rule or ResizeRule()).at(size)
     paths = _unique_paths(records)
     if not paths:
         raise CacheError("no images to cache")
@@ -125,8 +137,9 @@ def build_cache(records, cache_dir: str | os.PathLike, size: int = 256, workers:
     state = None
     if index_path.is_file() and done_path.is_file() and images_path.is_file():
         old = json.loads(index_path.read_text(encoding="utf-8"))
-        if old.get("size") != size or list(old.get("paths", {})) != paths:
-            raise CacheError(f"{cache_dir} holds a cache of other images or another size ({old.get('size')}); "
+        if old.get("size") != size or old.get("resize") != rule.to_dict() or list(old.get("paths", {})) != paths:
+            raise CacheError(f"{cache_dir} holds a cache of other images or another size or resize rule "
+                             f"({old.get('size')} px, {old.get('resize', 'resized before exact preprocessing')}); "
                              f"use a new folder or delete it")
         state = np.load(done_path)
         bad = {p: why for p, why in old.get("bad", [])}
@@ -134,7 +147,7 @@ def build_cache(records, cache_dir: str | os.PathLike, size: int = 256, workers:
         np.memmap(images_path, dtype=np.uint8, mode="w+", shape=shape).flush()  # sparse file of the full size
         state = np.zeros(len(paths), dtype=np.uint8)
         bad = {}
-    index = {"size": size, "paths": {p: i for i, p in enumerate(paths)}, "bad": []}
+    index = {"size": size, "resize": rule.to_dict(), "paths": {p: i for i, p in enumerate(paths)}, "bad": []}
 
     def flush() -> None:
         np.save(done_path.with_suffix(".tmp.npy"), state)
@@ -153,7 +166,7 @@ def build_cache(records, cache_dir: str | os.PathLike, size: int = 256, workers:
     try:
         with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init,
                                  initargs=(str(images_path), shape)) as pool:
-            futures = [pool.submit(_decode_rows, job, size, max_pixels) for job in jobs]
+            futures = [pool.submit(_decode_rows, job, size, rule, max_pixels) for job in jobs]
             try:
                 for future in futures:
                     for row, error in future.result():
@@ -181,23 +194,49 @@ def build_cache(records, cache_dir: str | os.PathLike, size: int = 256, workers:
 class ImageCache:
     """Read-only view of a built cache. Unknown or unreadable paths raise `ImageError` naming the path."""
 
-    def __init__(self, cache_dir: Path, size: int, rows: dict[str, int], bad: dict[str, str], done: np.ndarray):
+    def __init__(self, cache_dir: Path, size: int, rows: dict[str, int], bad: dict[str, str], done: np.ndarray,
+                 rule: ResizeRule | None = None):
         self.cache_dir = Path(cache_dir)
         self.size = size
+        self.rule = rule  # None: built before exact preprocessing (rounded resize, JPEG drafts)
         self.rows = rows
         self.bad = bad
         self.done = done
         self._images: np.memmap | None = None
 
     @classmethod
-    def open(cls, cache_dir: str | os.PathLike) -> ImageCache:
+    def open(cls, cache_dir: str | os.PathLike, expect: ImageTransform | None = None) -> ImageCache:
+        """Open a built cache; with `expect` (the model's un-augmented transform), log a warning when
+        its pixels are not exactly the model processor's."""
         cache_dir = Path(cache_dir)
         index_path = cache_dir / INDEX_FILE
         if not index_path.is_file() or not (cache_dir / IMAGES_FILE).is_file():
             raise CacheError(f"data.cache_dir: {cache_dir} is not an image cache (build one with `cliptune data cache`)")
         index = json.loads(index_path.read_text(encoding="utf-8"))
         done = np.load(cache_dir / DONE_FILE)
-        return cls(cache_dir, int(index["size"]), dict(index["paths"]), dict(index.get("bad", [])), done)
+        rule = ResizeRule.from_dict(index["resize"]) if "resize" in index else None
+        cache = cls(cache_dir, int(index["size"]), dict(index["paths"]), dict(index.get("bad", [])), done, rule)
+        why = cache.mismatch(expect) if expect is not None else None
+        if why:
+            log.warning("data.cache_dir %s: %s; un-augmented training and evaluation resize the cached pixels again, "
+                        "so they are close to the model's image processor but not identical", cache_dir, why)
+        return cache
+
+    def mismatch(self, transform: ImageTransform) -> str | None:
+        """Why this cache's rows are not `transform`'s exact output, or None when they are."""
+        if self.rule is None:
+            return "it was built before cliptune matched the model's preprocessing exactly (rebuild it)"
+        if self.size != transform.size:
+            return (f"it holds {self.size} px images and the model takes {transform.size} px "
+                    f"(build it at {transform.size} for the model's exact pixels)")
+        wanted = transform.rule.at(transform.size)
+        if self.rule != wanted:
+            return f"it was resized by {self.rule.to_dict()} and the model's processor resizes by {wanted.to_dict()}"
+        return None
+
+    def exact_for(self, transform: ImageTransform) -> bool:
+        """True when a row is exactly `transform`'s output (un-augmented), so it can be used as is."""
+        return self.mismatch(transform) is None
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -2,22 +2,82 @@
 
 Nothing below `main` is passed an argparse namespace: each command builds the library's own
 config objects (or plain arguments) and hands them over.
+
+One name per concept, in every subcommand: a concept the run config has is spelled as its config
+key (`--model.name`, `--data.path`, `--train.device`, `--train.micro_batch_size`,
+`--train.eval_batch_size`, `--data.num_workers`...), documented in `--help` from the config
+dataclasses' field docstrings and validated by `cliptune.config`; other flags are the command's own
+(`--out` for the folder it writes, `--adapter`, `--split`, `--onnx`, `--int8`). A flag a command
+does not know is refused (exit 2) with the nearest one it does.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import fnmatch
 import logging
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
-from cliptune.config import ConfigError, load_config, parse_overrides
+from cliptune.config import (
+    ConfigError,
+    UsageError,
+    check_key,
+    config_keys,
+    describe_type,
+    load_config,
+    parse_flag_value,
+)
+
+# -- config keys as flags -----------------------------------------------------------------------------
+
+_KEY = "config_key:"  # argparse dest prefix of a `--section.key` flag
 
 
-def _train(args: argparse.Namespace, extra: list[str]) -> int:
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return repr(value) if value == "" else str(value)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, patterns: tuple[str, ...] = ("*",),
+                      required: tuple[str, ...] = (), helps: dict[str, str] | None = None) -> None:
+    """`--section.key VALUE` for every config key matching one of `patterns` (fnmatch), documented from
+    the dataclass field docstrings and grouped by section. Only flags given on the command line are
+    set, so a `--config` YAML keeps its values for the rest. `helps` replaces a key's help text
+    where the command gives it another default or a narrower meaning."""
+    helps = helps or {}
+    groups: dict[str, Any] = {}
+    for key in config_keys():
+        if not any(fnmatch.fnmatchcase(key.dotted, pattern) for pattern in patterns):
+            continue
+        section = key.dotted.split(".", 1)[0]
+        if section not in groups:
+            groups[section] = parser.add_argument_group(f"{section} settings")
+        text = helps.get(key.dotted) or (f"{key.doc} (required)" if key.dotted in required
+                                         else f"{key.doc} (default: {_show(key.default)})")
+        groups[section].add_argument(f"--{key.dotted}", dest=_KEY + key.dotted, metavar=describe_type(key.type),
+                                     default=argparse.SUPPRESS, required=key.dotted in required,
+                                     help=text.replace("%", "%%"))
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The `--section.key` flags on the command line, as config overrides."""
+    return {dest[len(_KEY):]: parse_flag_value(dest[len(_KEY):], value)
+            for dest, value in vars(args).items() if dest.startswith(_KEY)}
+
+
+def _train(args: argparse.Namespace) -> int:
     from cliptune.train import Trainer
 
-    config = load_config(args.config, parse_overrides(extra))
+    config = load_config(args.config, _given(args))
     trainer = Trainer(config, resume=args.resume)
     counts = trainer.setup_model()
     # Under torchrun / accelerate launch every rank runs this; one of them speaks.
@@ -59,21 +119,26 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _eval(args: argparse.Namespace, extra: list[str]) -> int:
-    from cliptune.compare import EvalRequest, compare_variants
+def _scales(text: str) -> list[float]:
+    try:
+        return [float(s) for s in text.split(",")]
+    except ValueError:
+        raise UsageError(f"eval --scales {text!r}: expected comma-separated numbers, e.g. 0,0.5,1") from None
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from cliptune.compare import EvalRequest, compare_variants, parse_adapter_spec
     from cliptune.report import format_results_for_terminal
 
-    config = load_config(args.config, parse_overrides(extra))
-    if args.model:
-        config.model.name = args.model
-    if args.data:
-        config.data.path = args.data
+    config = load_config(args.config, _given(args))
+    if not config.data.path:
+        raise UsageError("eval: no annotations: give --data.path (or a --config with data.path)")
     request = EvalRequest(
         model=config.model,
         data=config.data,
         split=args.split or config.data.val_split,
-        adapters=[Path(a) for a in args.adapter],
-        scales=[float(s) for s in args.scales.split(",")] if args.scales else [1.0],
+        adapters=[parse_adapter_spec(a) for a in args.adapter],
+        scales=_scales(args.scales) if args.scales else [1.0],
         classify_folder=Path(args.classify_folder) if args.classify_folder else None,
         batch_size=config.train.eval_batch_size,
         device=config.train.device,
@@ -87,11 +152,13 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace, extra: list[str]) -> int:
+def _demo(args: argparse.Namespace) -> int:
     from cliptune.demo import DemoOptions, run_demo
 
-    options = DemoOptions(out_dir=Path(args.out), data=args.data, steps=args.steps, quick=args.quick)
-    result = run_demo(options, parse_overrides(extra))
+    overrides = _given(args)
+    load_config(None, overrides)  # a bad flag fails now, not after composing the towers
+    options = DemoOptions(out_dir=Path(args.out), data=overrides.pop("data.path", None), quick=args.quick)
+    result = run_demo(options, overrides)
     from cliptune.report import format_results_for_terminal
 
     print(format_results_for_terminal(result.results))
@@ -99,13 +166,21 @@ def _demo(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _export(args: argparse.Namespace, extra: list[str]) -> int:
+def _export(args: argparse.Namespace) -> int:
     from cliptune.export import export_model, measure_quantization
 
-    if args.quantize and not args.onnx:
-        raise ConfigError("export --quantize: int8 quantisation applies to the ONNX encoders; add --onnx")
+    given = _given(args)
+    if args.int8 and not args.onnx:
+        raise UsageError("export --int8: int8 quantisation applies to the ONNX encoders; add --onnx")
+    measuring = [f"--{k}" for k in given if k.startswith("data.") or k == "train.eval_batch_size"]
+    measuring += ["--split"] if args.split else []
+    if measuring and not args.int8:
+        raise UsageError(f"export {' '.join(measuring)}: these measure the int8 encoders; add --onnx --int8")
+    if measuring and "data.path" not in given:
+        raise UsageError(f"export {' '.join(measuring)}: give --data.path, the annotations to measure int8 on")
+    config = load_config(None, given)
     adapter = Path(args.adapter) if args.adapter else None
-    result = export_model(args.model, Path(args.out), adapter=adapter, onnx=args.onnx, quantize=args.quantize,
+    result = export_model(config.model.name, Path(args.out), adapter=adapter, onnx=args.onnx, quantize=args.int8,
                           metrics_path=Path(args.metrics) if args.metrics else None)
     weights = {"merged model": "model.safetensors", "image_encoder.onnx": "onnx/image_encoder.onnx",
                "text_encoder.onnx": "onnx/text_encoder.onnx", "image_encoder.int8.onnx": "onnx/image_encoder.int8.onnx",
@@ -114,26 +189,33 @@ def _export(args: argparse.Namespace, extra: list[str]) -> int:
         if name in result.files:
             print(f"{label:24s} {result.files[name] / 1e6:8.2f} MB")
     print(f"exported to {result.out_dir} ({result.size_mb():.1f} MB in all; model card README.md)")
-    if args.quantize and args.eval_data:
-        from cliptune.config import DataConfig
+    if "data.path" in given:
         from cliptune.data import read_split
 
-        records, _ = read_split(DataConfig(path=args.eval_data), args.split)
-        if args.max_images:
-            records = records[: args.max_images]
-        print(measure_quantization(result.out_dir / "onnx", records).describe())
+        records, _ = read_split(config.data, args.split or config.data.val_split)
+        print(measure_quantization(result.out_dir / "onnx", records, config.train.eval_batch_size).describe())
     return 0
 
 
-def _index(args: argparse.Namespace, extra: list[str]) -> int:
+def _index(args: argparse.Namespace) -> int:
     from cliptune.search import Index, OnnxEmbedder, TorchEmbedder
 
-    if bool(args.model) == bool(args.onnx):
-        raise ConfigError("index: give either --model (with optional --adapter) or --onnx")
+    given = _given(args)
+    if ("model.name" in given) == bool(args.onnx):
+        raise UsageError("index: give either --model.name (with optional --adapter) or --onnx")
+    if args.onnx and (args.adapter or "train.device" in given):
+        raise UsageError("index: --adapter and --train.device apply to --model.name; an --onnx export has the "
+                         "adapter merged in and runs on onnxruntime's CPU provider")
+    if args.int8 and not args.onnx:
+        raise UsageError("index --int8: the int8 encoders are ONNX ones; add --onnx (an export made with --int8)")
+    if not Path(args.photos).expanduser().is_dir():  # Index.build checks it too, after the model has loaded
+        raise UsageError(f"index: {args.photos}: no such folder of photos")
+    config = load_config(None, given)
+    batch = config.train.eval_batch_size
     if args.onnx:
-        embedder = OnnxEmbedder(Path(args.onnx), quantized=args.int8, batch_size=args.batch_size)
+        embedder = OnnxEmbedder(Path(args.onnx), quantized=args.int8, batch_size=batch)
     else:
-        embedder = TorchEmbedder(args.model, args.adapter, device=args.device, batch_size=args.batch_size)
+        embedder = TorchEmbedder(config.model.name, args.adapter, device=config.train.device, batch_size=batch)
     index = Index.build(Path(args.photos), Path(args.out), embedder, approximate=args.approximate,
                         shard_size=args.shard_size)
     skipped = index.meta["skipped"]
@@ -144,16 +226,19 @@ def _index(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _search(args: argparse.Namespace, extra: list[str]) -> int:
-    from cliptune.search import Index
+def _search(args: argparse.Namespace) -> int:
+    from cliptune.search import Index, check_query
 
+    if args.k < 1:  # also checked by Index.search; here it costs no index load
+        raise UsageError(f"search -k {args.k}: the number of results must be >= 1")
+    check_query(args.query)
     index = Index.load(Path(args.index))
     for path, score in index.search(args.query, args.k):
         print(f"{score:7.4f}  {path}")
     return 0
 
 
-def _data_download(args: argparse.Namespace, extra: list[str]) -> int:
+def _data_download(args: argparse.Namespace) -> int:
     from cliptune.download import download_flickr30k
 
     layout = download_flickr30k(Path(args.out), revision=args.revision)
@@ -162,17 +247,17 @@ def _data_download(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _data_cache(args: argparse.Namespace, extra: list[str]) -> int:
+def _data_cache(args: argparse.Namespace) -> int:
     from cliptune.cache import build_cache
-    from cliptune.config import DataConfig
     from cliptune.data import read_split
 
-    if bool(args.config) == bool(args.data):
-        raise ConfigError("data cache: give either --config or --data")
-    data = load_config(args.config, parse_overrides(extra)).data if args.config else DataConfig(path=args.data)
-    out = args.out or data.cache_dir
+    given = _given(args)
+    data = load_config(args.config, given).data
+    if not data.path:
+        raise UsageError("data cache: no annotations: give --data.path (or a --config with data.path)")
+    out = data.cache_dir
     if not out:
-        raise ConfigError("data cache: no output folder: pass --out or set data.cache_dir in the config")
+        raise UsageError("data cache: no cache folder: give --data.cache_dir (or set data.cache_dir in the config)")
     records = {}
     for split in dict.fromkeys([data.train_split, data.val_split, data.test_split]):
         try:
@@ -181,18 +266,18 @@ def _data_cache(args: argparse.Namespace, extra: list[str]) -> int:
             print(f"split {split!r} skipped: {err}")
     if not records:
         raise ConfigError("data cache: no split could be read")
-    stats = build_cache(records, Path(out), size=args.size, workers=args.workers, max_pixels=data.max_image_pixels)
+    stats = build_cache(records, Path(out), size=args.size, workers=given.get("data.num_workers"),
+                        max_pixels=data.max_image_pixels)
     print(stats.describe())
     print(f"train from it with  --data.cache_dir {out}")
     return 0
 
 
-def _data_pack(args: argparse.Namespace, extra: list[str]) -> int:
-    from cliptune.config import DataConfig
+def _data_pack(args: argparse.Namespace) -> int:
     from cliptune.data import read_split
     from cliptune.webdataset_source import write_webdataset
 
-    data = DataConfig(path=args.data)
+    data = load_config(None, _given(args)).data
     most = 0
     for split in args.splits.split(","):
         records, _ = read_split(data, split)
@@ -204,7 +289,7 @@ def _data_pack(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _data_unpack(args: argparse.Namespace, extra: list[str]) -> int:
+def _data_unpack(args: argparse.Namespace) -> int:
     from cliptune.webdataset_source import ShardStats, materialize_webdataset
 
     stats = ShardStats()
@@ -215,135 +300,264 @@ def _data_unpack(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace, extra: list[str]) -> int:
+def _bench(args: argparse.Namespace) -> int:
     import json
 
-    from cliptune.bench import COCO_MINI, BenchOptions, run_bench
+    from cliptune.bench import BenchOptions, run_bench
 
-    options = BenchOptions(model=args.model, data=Path(args.data) if args.data else COCO_MINI, device=args.device,
-                           batch=args.batch, eval_batch=args.eval_batch, steps=args.steps, short=args.short,
-                           sweep=args.sweep, cache_size=args.cache_size, workers=args.workers)
+    own = BenchOptions()  # the bench's defaults differ from a training run's where noted in --help
+    config = load_config(None, {"model.name": own.model, "train.device": own.device,
+                                "train.micro_batch_size": own.batch, "train.eval_batch_size": own.eval_batch,
+                                "data.num_workers": own.workers, **_given(args)})
+    # No default folder: without --data.path the bench refuses (UsageError, exit 2) before loading anything.
+    options = BenchOptions(model=config.model.name, data=Path(config.data.path) if config.data.path else None,
+                           device=config.train.device,
+                           batch=config.train.micro_batch_size, eval_batch=config.train.eval_batch_size,
+                           steps=args.steps, short=args.short, sweep=args.sweep, cache_size=args.cache_size,
+                           workers=config.data.num_workers, lora=config.lora)
     print(json.dumps(run_bench(options), indent=2))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cliptune", description="LoRA fine-tuning for CLIP-family models.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """No abbreviations: `--model` must not quietly mean `--model.name`, nor `--onn` `--onnx`."""
 
-    train = sub.add_parser("train", help="fine-tune with LoRA (any config key: --section.key value)")
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+# The keys `cliptune eval` uses: the base model, where the annotations are and how to read them,
+# and how to encode. LoRA and optimiser settings come with each adapter; passing one would do nothing.
+EVAL_KEYS = ("model.*", "data.path", "data.format", "data.image_root", "data.max_images", "data.max_image_pixels",
+             "train.eval_batch_size", "train.device", "train.precision")
+EVAL_HELP = {"data.path": "Annotations to score (any format train reads). (default: data.path of --config)"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cliptune", description="LoRA fine-tuning for CLIP-family models.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show the libraries' own messages, warnings and progress bars, and tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    keys_note = ("Settings are config keys, spelled --section.key VALUE as in the YAML; a flag wins over "
+                 "--config, which wins over the defaults shown.")
+
+    train = sub.add_parser("train", help="fine-tune with LoRA (any config key: --section.key value)",
+                           usage="cliptune train [--config YAML] [--dry-run] [--resume] [--section.key VALUE ...]",
+                           description="Fine-tune with LoRA. " + keys_note)
     train.add_argument("--config", type=Path, help="YAML config (sections model, lora, data, train)")
     train.add_argument("--dry-run", action="store_true", help="load the model, print parameters and plan, exit")
     train.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in output_dir")
-    train.set_defaults(handler=_train)
+    _add_config_flags(train)
+    train.set_defaults(handler=_train, parser=train)
 
-    evaluate = sub.add_parser("eval", help="retrieval R@K of a base model, adapters and adapter scales, side by side")
-    evaluate.add_argument("--config", type=Path, help="YAML config; its model and data sections are used")
-    evaluate.add_argument("--model", help="base model: hub id or folder (overrides model.name)")
-    evaluate.add_argument("--adapter", action="append", default=[], help="adapter folder (repeatable)")
+    evaluate = sub.add_parser("eval", help="retrieval R@K of a base model, adapters and adapter scales, side by side",
+                              usage="cliptune eval [--config YAML] [--adapter [NAME=]PATH ...] [--scales S,S] "
+                              "[--split SPLIT] [--classify-folder DIR] [--out DIR] [--section.key VALUE ...]",
+                              description="Score a base model, its adapters and adapter scales with the standard "
+                              "retrieval protocol. " + keys_note)
+    evaluate.add_argument("--config", type=Path, help="YAML config; its model, data and train (device, precision, "
+                          "eval_batch_size) settings are used")
+    evaluate.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                          help="adapter folder, repeatable; its column is labelled NAME, or the run folder's name")
     evaluate.add_argument("--scales", help="adapter scales to compare, e.g. 0,0.5,1 (0 = zero-shot)")
-    evaluate.add_argument("--data", help="annotations (overrides data.path)")
-    evaluate.add_argument("--split", help="split to score (default data.val_split)")
+    evaluate.add_argument("--split", help="split to score (default: data.val_split, 'val')")
     evaluate.add_argument("--classify-folder", help="labelled image folder (one sub-folder per class) for a "
                           "zero-shot classification forgetting check")
     evaluate.add_argument("--out", help="write metrics.json and report.md/.html here")
-    evaluate.set_defaults(handler=_eval)
+    _add_config_flags(evaluate, EVAL_KEYS, helps=EVAL_HELP)
+    evaluate.set_defaults(handler=_eval, parser=evaluate)
 
-    demo = sub.add_parser("demo", help="offline end-to-end run on packaged pretrained towers")
-    demo.add_argument("--out", default="runs/demo", help="output folder")
-    demo.add_argument("--data", help="any supported annotations instead of the generated scenes")
-    demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
+    demo = sub.add_parser("demo", help="offline end-to-end run on packaged pretrained towers",
+                          usage="cliptune demo [--out DIR] [--quick] [--section.key VALUE ...]",
+                          description="Offline end-to-end run on packaged pretrained towers. Any config key "
+                          "overrides the demo's own settings (e.g. --train.max_steps, --data.path).")
+    demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     demo.add_argument("--quick", action="store_true", help="a much shorter run (seconds), for smoke tests")
-    demo.set_defaults(handler=_demo)
+    _add_config_flags(demo, helps={
+        "data.path": "Annotations (any format train reads) instead of the generated scenes. (default: the scenes)",
+        "model.name": "Base model. (default: the packaged towers composed into OUT/base-model)",
+        "train.output_dir": "Run folder. (default: OUT/run)"})
+    demo.set_defaults(handler=_demo, parser=demo)
 
     export = sub.add_parser("export", help="merge an adapter into its base model; optionally ONNX and int8")
-    export.add_argument("--model", required=True, help="base model: hub id or folder")
     export.add_argument("--adapter", help="adapter folder to merge (default: export the base model)")
     export.add_argument("--out", required=True, help="export folder")
     export.add_argument("--onnx", action="store_true", help="also write onnx/image_encoder.onnx, text_encoder.onnx")
-    export.add_argument("--quantize", action="store_true", help="also int8 (dynamic) versions of the ONNX encoders")
+    export.add_argument("--int8", action="store_true", help="with --onnx: also int8 (dynamic) versions of the encoders")
     export.add_argument("--metrics", help="metrics.json for the model card (default: next to the adapter's run)")
-    export.add_argument("--eval-data", help="with --quantize: annotations to measure int8's R@1 change and speed-up")
-    export.add_argument("--split", default="val", help="split of --eval-data (default val)")
-    export.add_argument("--max-images", type=int, help="measure on the first N images only")
-    export.set_defaults(handler=_export)
+    export.add_argument("--split", help="with --data.path: split to measure (default: data.val_split, 'val')")
+    _add_config_flags(export, ("model.name", "data.path", "data.format", "data.image_root", "data.max_images",
+                               "train.eval_batch_size"), required=("model.name",), helps={
+        "model.name": "Base model: hub id or folder. (required)",
+        "data.path": "With --int8: annotations to measure int8's R@1 change and speed-up on. (default: none)",
+        "data.max_images": "Measure on the first N images only. (default: null, all)"})
+    export.set_defaults(handler=_export, parser=export)
 
     index = sub.add_parser("index", help="embed a photo folder (recursively) into a searchable FAISS index")
     index.add_argument("photos", help="folder of photos")
     index.add_argument("--out", required=True, help="index folder (resumes an interrupted build)")
-    index.add_argument("--model", help="base model or merged export folder (PyTorch)")
-    index.add_argument("--adapter", help="adapter folder on top of --model")
+    index.add_argument("--adapter", help="adapter folder on top of --model.name")
     index.add_argument("--onnx", help="ONNX export folder (onnxruntime, no torch)")
     index.add_argument("--int8", action="store_true", help="with --onnx: use the int8 encoders")
     index.add_argument("--approximate", choices=["hnsw", "ivf"], help="approximate index (default exact)")
-    index.add_argument("--batch-size", type=int, default=32)
-    index.add_argument("--shard-size", type=int, default=256, help="images per resumable shard")
-    index.add_argument("--device", default="cpu", help="PyTorch device for --model")
-    index.set_defaults(handler=_index)
+    index.add_argument("--shard-size", type=int, default=256, help="images per resumable shard (default: 256)")
+    _add_config_flags(index, ("model.name", "train.device", "train.eval_batch_size"), helps={
+        "model.name": "Base model or merged export folder, run with PyTorch (or give --onnx). (default: none)"})
+    index.set_defaults(handler=_index, parser=index)
 
     search = sub.add_parser("search", help="the photos of an index that best match a sentence or an image")
     search.add_argument("index", help="index folder from `cliptune index`")
-    search.add_argument("query", help="a sentence, or the path of an image")
-    search.add_argument("-k", type=int, default=5, help="number of results")
-    search.set_defaults(handler=_search)
+    search.add_argument("query", help="a sentence, or the path of an image (a word ending in an image suffix, or "
+                        "with a / and no spaces, is a path and must exist)")
+    search.add_argument("-k", type=int, default=5, help="number of results (default: 5)")
+    search.set_defaults(handler=_search, parser=search)
+
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     download = data_sub.add_parser("download", help="fetch a dataset from the Hugging Face hub and lay it out")
     download.add_argument("dataset", choices=["flickr30k"])
-    download.add_argument("--out", default="data/flickr30k", help="target folder")
-    download.add_argument("--revision", help="hub revision to pin")
-    download.set_defaults(handler=_data_download)
+    download.add_argument("--out", default="data/flickr30k", help="target folder (default: data/flickr30k)")
+    download.add_argument("--revision", help="hub revision of the dataset to pin")
+    download.set_defaults(handler=_data_download, parser=download)
 
     cache = data_sub.add_parser("cache", help="decode and resize every image once into a memory-mapped cache")
     cache.add_argument("--config", type=Path, help="YAML config: its data section (and data.cache_dir) are used")
-    cache.add_argument("--data", help="annotations instead of a config (data.path)")
-    cache.add_argument("--out", help="cache folder (default data.cache_dir)")
     cache.add_argument("--size", type=int, default=256, help="side of the cached squares: the model input or a "
-                       "little more (256 for 224-px models, so random crops keep room)")
-    cache.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
-    cache.set_defaults(handler=_data_cache)
+                       "little more (256 for 224-px models, so random crops keep room) (default: 256)")
+    _add_config_flags(cache, ("data.*",), helps={
+        "data.cache_dir": "Cache folder to write. (default: data.cache_dir of --config)",
+        "data.num_workers": "Decoding processes. (default: all cores)"})
+    cache.set_defaults(handler=_data_cache, parser=cache)
 
     pack = data_sub.add_parser("pack", help="write a dataset's splits as WebDataset shards (images stored as they are)")
-    pack.add_argument("--data", required=True, help="annotations (data.path; any format cliptune reads)")
     pack.add_argument("--out", required=True, help="folder for <split>-000000.tar, ...")
-    pack.add_argument("--splits", default="train,val", help="comma-separated splits to pack")
-    pack.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    pack.set_defaults(handler=_data_pack)
+    pack.add_argument("--splits", default="train,val", help="comma-separated splits to pack (default: train,val)")
+    pack.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
+    _add_config_flags(pack, ("data.path", "data.format", "data.image_root", "data.max_images"),
+                      required=("data.path",))
+    pack.set_defaults(handler=_data_pack, parser=pack)
 
     unpack = data_sub.add_parser("unpack", help="extract WebDataset shards to images/ + captions.jsonl")
     unpack.add_argument("shards", help="shard pattern, e.g. 'shards/val-{000000..000004}.tar'")
     unpack.add_argument("--out", required=True, help="target folder (captions.jsonl is appended to)")
-    unpack.add_argument("--split", default="train", help="split name for samples whose json has none")
-    unpack.set_defaults(handler=_data_unpack)
+    unpack.add_argument("--split", default="train", help="split recorded for samples whose json names none "
+                        "(default: train)")
+    unpack.set_defaults(handler=_data_unpack, parser=unpack)
 
-    bench = sub.add_parser("bench", help="speed of cliptune's path beside the naive loop, as one JSON object")
+    bench = sub.add_parser("bench", help="speed of cliptune's path beside the naive loop, as one JSON object",
+                           usage="cliptune bench --data.path PATH [--short] [--steps N] [--sweep] [--cache-size N] "
+                           "[--section.key VALUE ...]")
     bench.add_argument("--short", action="store_true", help="tiny step counts (a smoke test, < 1 min on a CPU)")
-    bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
-    bench.add_argument("--batch", type=int, default=8, help="training micro-batch (pairs)")
-    bench.add_argument("--eval-batch", type=int, default=32, help="evaluation batch")
-    bench.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 6; 1 with --short)")
-    bench.add_argument("--model", default="random:clip-vit-b-32", help="CLIP model to time (default ViT-B/32 shapes, "
-                       "random weights)")
-    bench.add_argument("--data", help="folder with COCO captions_train.json and images (default ../shared/data/coco-mini)")
+    bench.add_argument("--steps", type=int, default=None,
+                       help="timed steps per measurement (default 6; 1 with --short)")
     bench.add_argument("--sweep", action="store_true", help="also time channels-last and torch.compile")
     bench.add_argument("--cache-size", type=int, default=None, help="side of the cached squares (default input*8/7)")
-    bench.add_argument("--workers", type=int, default=0, help="DataLoader workers of cliptune's end-to-end path")
-    bench.set_defaults(handler=_bench)
+    _add_config_flags(bench, ("model.name", "data.path", "train.device", "train.micro_batch_size",
+                              "train.eval_batch_size", "data.num_workers", "lora.*"), helps={
+        "model.name": "CLIP model to time. (default: random:clip-vit-b-32, ViT-B/32 shapes with random weights)",
+        "data.path": "Annotations whose train split is timed, or a folder with COCO's captions_train.json "
+                     "and its images (the README's figures: ../shared/data/coco-mini). (required)",
+        "train.eval_batch_size": "Evaluation batch. (default: 32)",
+        "data.num_workers": "DataLoader workers of cliptune's end-to-end path. (default: 0)"})
+    bench.set_defaults(handler=_bench, parser=bench)
+
+    for command in (train, evaluate, demo, export, index, search, download, cache, pack, unpack, bench):
+        # Also after the subcommand (`cliptune train ... -v`); SUPPRESS keeps a top-level -v.
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="as cliptune -v")
     return parser
+
+
+# Spellings that earlier versions used, to point a user at today's name (they are not accepted).
+RENAMED = {"--model": "--model.name", "--data": "--data.path", "--eval-data": "--data.path",
+           "--batch": "--train.micro_batch_size", "--batch-size": "--train.eval_batch_size",
+           "--eval-batch": "--train.eval_batch_size", "--device": "--train.device", "--quantize": "--int8",
+           "--workers": "--data.num_workers", "--max-images": "--data.max_images", "--steps": "--train.max_steps",
+           "--out": "--data.cache_dir"}
+
+
+def _unknown_message(command: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """What is wrong with the first argument `command` does not take, and the nearest one it does."""
+    flag = next((u for u in unknown if u.startswith("-")), None)
+    if flag is None:
+        return f"unrecognized argument {unknown[0]!r}"
+    name = flag.split("=", 1)[0]
+    flags = [s for action in command._actions for s in action.option_strings]  # argparse has no public list
+    takes_keys = any(f.startswith("--") and "." in f for f in flags)
+    if takes_keys and name.startswith("--") and "." in name:
+        try:
+            check_key(name[2:])
+        except ConfigError as err:
+            return str(err)  # config's own did-you-mean, over every key
+    close = [RENAMED[name]] if RENAMED.get(name) in flags else difflib.get_close_matches(name, flags, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    if name.startswith("--") and "." in name:
+        return f"unrecognized argument {name}: {command.prog} does not use this setting{hint}"
+    return f"unrecognized argument {name}{hint}"
+
+
+class _Console(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (pytest swaps it between tests)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def configure_output(verbose: bool, libraries: bool = True) -> None:
+    """A normal run shows cliptune's own messages (INFO and up) and the libraries' errors. The
+    libraries' INFO and WARNING chatter (faiss.loader's import lines, onnxruntime's quantiser logging
+    to the root logger), transformers' progress bars and developer-facing FutureWarnings show with
+    -v only: they address the libraries' developers, and what a user must know cliptune says itself.
+    `libraries`: also set transformers' own logging (importing it costs about a second; search does without)."""
+    root = logging.getLogger()
+    if not any(isinstance(h, _Console) for h in root.handlers):
+        console = _Console()
+        console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(console)
+    root.setLevel(logging.INFO if verbose else logging.ERROR)
+    logging.getLogger("cliptune").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+    if libraries:
+        from transformers.utils import logging as hf_logging
+
+        if verbose:
+            hf_logging.set_verbosity_warning()
+            hf_logging.enable_progress_bar()
+        else:
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()  # "Loading weights" bars; also turns off the hub's...
+            from huggingface_hub.utils import enable_progress_bars
+
+            enable_progress_bars()  # ...whose download bars a user waiting on a download wants
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "huggingface_hub", "transformers", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return args.handler(args, extra)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            args.parser.error(_unknown_message(args.parser, unknown))
+    except SystemExit as stop:  # argparse's usage errors (2) and --help (0), already printed
+        return int(stop.code or 0)
+    light = args.command in ("search", "data") or (args.command == "index" and args.onnx)
+    configure_output(args.verbose, libraries=not light)
+    try:
+        return args.handler(args)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     except (ValueError, RuntimeError, OSError) as err:
         if args.verbose:
@@ -354,4 +568,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

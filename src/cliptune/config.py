@@ -8,10 +8,16 @@ never an hour into training.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
+import re
+import textwrap
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +25,11 @@ from typing import Any, Literal
 import yaml
 
 
-class ConfigError(ValueError):
+class UsageError(ValueError):
+    """Input the user can correct (a flag, a value, a path), named in a one-line message; the CLI exits 2."""
+
+
+class ConfigError(UsageError):
     """A config key or value that cannot be used; the message names it."""
 
 
@@ -88,8 +98,11 @@ class DataConfig:
     image_root: str | None = None
     """Folder the image paths are relative to (`{split}` is replaced). Default: next to the annotations."""
     train_split: str = "train"
+    """Split name training reads."""
     val_split: str = "val"
+    """Split name validation reads (and `cliptune eval` / `export` score by default)."""
     test_split: str = "test"
+    """Split name of the held-out test set (cached by `cliptune data cache`)."""
     captions: Literal["sample", "all"] = "sample"
     """`sample`: each epoch draws one caption per image (an epoch = one pass over the images);
     `all`: every image-caption pair once per epoch."""
@@ -106,6 +119,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     """WebDataset shards only: pairs held in the streaming shuffle buffer (on top of shard order)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Training-time image augmentation."""
 
     @property
     def streams_shards(self) -> bool:
@@ -118,6 +132,7 @@ class TrainConfig:
     output_dir: str = "runs/default"
     """Where the config, metrics, checkpoints, adapter and report are written."""
     epochs: int = 3
+    """Passes over the training images."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (overrides epochs when smaller)."""
     micro_batch_size: int = 8
@@ -128,11 +143,13 @@ class TrainConfig:
     """`exact`: the loss sees the whole effective batch as negatives (GradCache); `plain`: each
     micro-batch is its own contrastive problem (the seed notebook's way)."""
     lr: float = 1e-4
+    """Peak AdamW learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay. 0: LoRA factors are small already, and HF Trainer's default is 0."""
     warmup_ratio: float = 0.05
     """Fraction of the optimizer steps spent ramping the lr up linearly from 0."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup."""
     max_grad_norm: float | None = 1.0
     """Clip the gradient norm; None disables clipping."""
     loss: Literal["auto", "clip", "siglip"] = "auto"
@@ -140,7 +157,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """`auto`: bf16 autocast on a GPU that supports it, fp32 on CPU."""
     device: str = "auto"
-    """`auto`, `cpu`, `cuda`, `cuda:1`..."""
+    """`auto` (the first CUDA GPU if there is one, else the CPU), `cpu`, `cuda`, `cuda:N` or `mps`.
+    A device this machine does not have is refused, never replaced by the CPU."""
     seed: int = 0
     """Seeds weights of new layers, data order, caption draws, augmentation and dropout."""
     eval_every: int = 0
@@ -156,7 +174,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute tower activations in the backward pass: less memory, about a third more compute."""
     eval_batch_size: int = 64
-    """Images or captions encoded at once during evaluation."""
+    """Images or captions encoded at once without gradients (evaluation, `cliptune index`, `export`'s int8 check)."""
     report: bool = True
     """Evaluate zero-shot and fine-tuned retrieval on the val split and write report.md/.html at the end."""
 
@@ -168,9 +186,13 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    """What to adapt."""
     lora: LoraSettings = field(default_factory=LoraSettings)
+    """How each tower is adapted."""
     data: DataConfig = field(default_factory=DataConfig)
+    """On what."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """How: optimisation, device, checkpoints, evaluation."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -183,9 +205,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """Read a YAML config (or start from the defaults), apply dotted overrides, validate everything."""
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = resolve_config_path(path)
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
@@ -197,6 +217,22 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     config = build_dataclass(RunConfig, raw, where="")
     validate_config(config)
     return config
+
+
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file, or a config shipped with cliptune (src/cliptune/configs/) named `configs/NAME.yaml`
+    or `NAME.yaml` when no such file is here: the README's `--config configs/...` commands then work
+    from any folder and from an installed wheel. A file of that name in the working folder wins."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.parent in (Path("."), Path("configs")) and (PACKAGED_CONFIGS / path.name).is_file():
+        return PACKAGED_CONFIGS / path.name
+    shipped = ", ".join(sorted(f"configs/{p.name}" for p in PACKAGED_CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"config file not found: {path} (configs shipped with cliptune: {shipped})")
 
 
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:
@@ -360,8 +396,98 @@ def validate_config(config: RunConfig) -> None:
     need(train.keep_checkpoints >= 1, "train.keep_checkpoints", train.keep_checkpoints, "must be >= 1")
     need(train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", train.max_nonfinite_steps, "must be >= 1")
     need(train.eval_batch_size >= 1, "train.eval_batch_size", train.eval_batch_size, "must be >= 1")
-    need(train.device == "auto" or train.device == "cpu" or train.device.startswith("cuda")
-         or train.device == "mps", "train.device", train.device, "must be auto, cpu, mps or cuda[:N]")
+    need(DEVICE_PATTERN.fullmatch(train.device) is not None, "train.device", train.device,
+         "is not a device: use auto, cpu, cuda, cuda:N or mps")
+
+
+# Checked without importing torch (config loading stays light); `cliptune.runtime.resolve_device` then
+# refuses a well-formed device this machine does not have.
+DEVICE_PATTERN = re.compile(r"auto|cpu|(cuda|mps)(:\d+)?")
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value read as a YAML scalar or list (`5e-5`, `true`, `null`, `[a, b]`); else the text."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if value is None and text.strip() not in ("null", "~", "none", "None", ""):
+        return text
+    return value
+
+
+def parse_flag_value(dotted: str, text: str) -> Any:
+    """A `--section.key` value from the command line: as typed for a string field (a folder named
+    `yes` or `1e5` stays that), else read as YAML like `parse_value`."""
+    tp = next((key.type for key in config_keys() if key.dotted == dotted), None)
+    if tp is str:
+        return text
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and set(typing.get_args(tp)) == {str, type(None)}:
+        return None if text.strip() in ("null", "~", "none", "None") else text
+    return parse_value(text)
+
+
+def check_key(dotted: str) -> None:
+    """Refuse a dotted key that names no config field, suggesting the nearest one that does."""
+    keys = [key.dotted for key in config_keys()]
+    if dotted in keys:
+        return
+    close = difflib.get_close_matches(dotted, keys, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    section = dotted.split(".", 1)[0]
+    same = [k for k in keys if k.startswith(section + ".")]
+    valid = f" (valid: {', '.join(same)})" if same else f" (sections: {', '.join(f.name for f in dataclasses.fields(RunConfig))})"
+    raise ConfigError(f"unknown config key {dotted!r}{hint}{valid}")
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    dotted: str          # "train.lr"
+    type: Any            # the field's type hint
+    default: Any
+    doc: str             # the field's docstring, on one line
+
+
+def config_keys(cls: type | None = None, prefix: str = "") -> Iterator[ConfigKey]:
+    """Every leaf key of the config (sections recursed), with its default and docstring, in field order."""
+    cls = cls or RunConfig
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        dotted = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from config_keys(hints[f.name], dotted + ".")
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        yield ConfigKey(dotted, hints[f.name], default, docs.get(f.name, ""))
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the string literal right after it in the class body (the attribute-docstring
+    convention that Sphinx, litgpt and jsonargparse read), whitespace collapsed to one line."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def describe_type(tp: Any) -> str:
+    """A short metavar for a field type: INT, FLOAT, BOOL, STR, LIST, {a,b}; `?` marks null allowed."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        label = describe_type(inner[0]) if len(inner) == 1 else "VALUE"
+        return label + "?" if type(None) in args else label
+    if origin is Literal:
+        return "{" + ",".join(map(str, args)) + "}"
+    if origin in (list, tuple):
+        return "LIST"
+    return {int: "INT", float: "FLOAT", bool: "BOOL", str: "STR"}.get(tp, "VALUE")
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
@@ -383,11 +509,6 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override {arg!r} has no value")
             i += 1
             text = args[i]
-        try:
-            overrides[key] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            overrides[key] = text
-        if overrides[key] is None and text.strip() not in ("null", "~", "none", "None", ""):
-            overrides[key] = text
+        overrides[key] = parse_value(text)
         i += 1
     return overrides

@@ -17,6 +17,9 @@ from pathlib import Path
 
 from cliptune.config import DataConfig
 
+# The folder `nlphuji/flickr30k`'s image archive unpacks to; read as the default image root beside its CSV.
+FLICKR30K_IMAGE_FOLDER = "flickr30k-images"
+
 
 class DataError(ValueError):
     """Annotations that cannot be used; the message names the file, line or field."""
@@ -117,8 +120,13 @@ def _default_image_root(path: Path, fmt: str) -> Path:
     folder = path.parent
     if fmt in ("csv", "jsonl"):
         return folder  # paths in our own formats are relative to the annotation file
-    # COCO and Flickr30k annotations name bare files, usually kept in an images/ folder beside them.
-    return folder / "images" if (folder / "images").is_dir() else folder
+    # COCO and Flickr30k annotations name bare files, usually kept in an images/ folder beside them;
+    # `cliptune data download flickr30k` unpacks into the archive's own folder name.
+    candidates = (FLICKR30K_IMAGE_FOLDER, "images") if fmt == "flickr30k_csv" else ("images",)
+    for name in candidates:
+        if (folder / name).is_dir():
+            return folder / name
+    return folder
 
 
 def _read_json(path: Path):

@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cliptune.config import DataConfig
-from cliptune.data import read_split
+from cliptune.data import FLICKR30K_IMAGE_FOLDER, read_split
 
 FLICKR30K_REPO = "nlphuji/flickr30k"
 FLICKR30K_CSV = "flickr_annotations_30k.csv"
 FLICKR30K_ZIP = "flickr30k-images.zip"
-IMAGE_FOLDER = "flickr30k-images"
 
 
 @dataclass
@@ -47,10 +46,11 @@ def lay_out_flickr30k(csv_path: Path, zip_path: Path, out_dir: Path) -> Layout:
     out_dir.mkdir(parents=True, exist_ok=True)
     annotations = out_dir / FLICKR30K_CSV
     shutil.copyfile(csv_path, annotations)
-    image_root = out_dir / IMAGE_FOLDER
+    image_root = out_dir / FLICKR30K_IMAGE_FOLDER
     extract_images(zip_path, image_root)
     counts = {}
-    config = DataConfig(path=str(annotations), format="flickr30k_csv", image_root=str(image_root))
+    # No image_root: checked the way `cliptune eval --data <csv>` will read it (the folder beside the CSV).
+    config = DataConfig(path=str(annotations), format="flickr30k_csv")
     for split in ("train", "val", "test"):
         records, _ = read_split(config, split)
         missing = [r.image_path for r in records if not r.image_path.is_file()]

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from cliptune.data import ImageCaptions, flatten_captions
-from cliptune.images import ImageTransform, normalize_pixels
+from cliptune.images import ImageTransform
 from cliptune.loss import gather_rows
 from cliptune.metrics import retrieval_metrics
 from cliptune.model import ContrastiveModel, Preprocessing
@@ -53,14 +53,14 @@ def embed_images(model: ContrastiveModel, records: list[ImageCaptions], preproce
                  precision: str = "fp32", image_source=None, progress: bool = True) -> torch.Tensor:
     """(n_images, D) L2-normalised float32 embeddings, in record order. Unreadable images raise ImageError:
     evaluation sets are checked first (`pipeline.scan_images`) so a metric never silently drops one."""
-    dataset = _ImageFiles(records, ImageTransform(preprocessing.image_size), max_pixels, image_source)
+    dataset = _ImageFiles(records, preprocessing.image_transform(), max_pixels, image_source)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=False,
                         generator=torch.Generator())  # leaves the global RNG (dropout's) untouched
     model.eval()
     chunks = []
     for pixels in tqdm(loader, desc="embedding images", disable=not progress, leave=False):
-        pixels = normalize_pixels(pixels.to(device, non_blocking=True), preprocessing.image_mean, preprocessing.image_std)
+        pixels = preprocessing.normalize(pixels.to(device, non_blocking=True))
         with autocast_context(device, precision):
             features = model.encode_images(pixels)
         chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())

@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from cliptune.config import ModelConfig
+from cliptune.config import ModelConfig, UsageError
+from cliptune.images import SQUASH
 from cliptune.model import ContrastiveModel, Preprocessing, load_model
 from cliptune.search import IMAGE_ONNX, ONNX_DIR, PREPROCESSING_FILE, TEXT_ONNX
 
@@ -70,13 +73,20 @@ def save_merged(model: ContrastiveModel, preprocessing: Preprocessing, out_dir: 
 def _image_processor(family: str, preprocessing: Preprocessing):
     import transformers
 
-    size, mean, std = preprocessing.image_size, list(preprocessing.image_mean), list(preprocessing.image_std)
-    if family == "siglip":
-        return transformers.SiglipImageProcessor(size={"height": size, "width": size}, image_mean=mean, image_std=std)
-    if family == "clip":
-        return transformers.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                               image_mean=mean, image_std=std)
-    return None  # the dual encoder's config.json carries image_size/mean/std itself
+    p = preprocessing
+    size, resize = p.image_size, p.resize_size or p.image_size
+    # The base model's own settings, so AutoImageProcessor on the export makes the pixels cliptune
+    # trained and evaluated with. The PIL classes: the default ones need torchvision, and both save
+    # the same preprocessor_config.json ("CLIPImageProcessor" / "SiglipImageProcessor").
+    common = {"image_mean": list(p.image_mean), "image_std": list(p.image_std), "resample": p.resample,
+              "rescale_factor": p.rescale_factor, "do_center_crop": resize != size or p.resize_mode != SQUASH,
+              "crop_size": {"height": size, "width": size}}
+    # A composed dual encoder resizes as CLIP does (shorter side, centre crop), with its own size and mean/std.
+    if family in ("clip", "siglip", "dual"):
+        kind = transformers.SiglipImageProcessorPil if family == "siglip" else transformers.CLIPImageProcessorPil
+        sized = {"height": resize, "width": resize} if p.resize_mode == SQUASH else {"shortest_edge": resize}
+        return kind(size=sized, **common)
+    return None  # not a family load_model returns
 
 
 class ImageEncoder(nn.Module):
@@ -113,7 +123,12 @@ def export_onnx(model: ContrastiveModel, preprocessing: Preprocessing, out_dir: 
     pixels = torch.randn(2, 3, size, size)
     tokens = preprocessing.tokenize(["a photo", "two dogs running on the beach"])
     paths = {"image": out_dir / IMAGE_ONNX, "text": out_dir / TEXT_ONNX}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns at every shape comparison and at CLIP's argmax pooling (aten::index): these
+        # graphs have no data-dependent control flow and non-negative indices, and the ONNX-vs-torch
+        # equality test is the real check. A user exporting a model need not read them.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator")
         torch.onnx.export(ImageEncoder(model), (pixels,), str(paths["image"]), dynamo=False,
                           input_names=["pixel_values"], output_names=["embeddings"],
                           dynamic_axes={"pixel_values": {0: "batch"}, "embeddings": {0: "batch"}},
@@ -134,6 +149,9 @@ def export_onnx(model: ContrastiveModel, preprocessing: Preprocessing, out_dir: 
         "image_size": size,
         "mean": list(preprocessing.image_mean),
         "std": list(preprocessing.image_std),
+        # The image processor's resize rule and rescale: OnnxEmbedder feeds the processor's exact pixels.
+        "resize": preprocessing.resize_rule.at(size).to_dict(),
+        "rescale_factor": preprocessing.rescale_factor,
         "max_text_length": preprocessing.max_text_length,
         "pad_to_max_length": preprocessing.pad_to_max_length,
         "pad_token": tokenizer.pad_token,
@@ -165,9 +183,26 @@ def find_run_metrics(adapter: Path | None) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+FAMILY_DESCRIPTIONS = {"clip": "A CLIP dual encoder", "siglip": "A SigLIP dual encoder",
+                       "dual": "A dual encoder composed from a pretrained vision backbone and text encoder"}
+METRIC_COLUMNS = ("image_to_text_R@1", "image_to_text_R@5", "text_to_image_R@1", "text_to_image_R@5", "rsum")
+# What the hub accepts as `base_model`: `org/name` or a legacy bare name; never a path.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def hub_model_id(base: str) -> str | None:
+    """`base` when it names a hub model; None for a local folder (even one named like `org/name`) or a
+    `random:` model, which the hub's `base_model` field cannot point at."""
+    if Path(base).expanduser().exists() or not HUB_ID.fullmatch(base):
+        return None
+    return base
+
+
 def write_model_card(out_dir: Path, base: str, family: str, adapter: Path | None, metrics: dict | None,
                      onnx: bool, quantized: bool) -> Path:
-    """README.md with the hub's YAML front matter: what the model is, how it was tuned, how to load it."""
+    """README.md with the hub's YAML front matter: what the model is, what it was tuned on and how,
+    its retrieval metrics, and how to load it. The run's data and recipe come from the config.yaml a
+    training run writes beside adapter/."""
     lora = {}
     if adapter is not None and (Path(adapter) / "adapter_config.json").is_file():
         raw = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
@@ -179,24 +214,28 @@ def write_model_card(out_dir: Path, base: str, family: str, adapter: Path | None
     model_class = {"clip": "CLIPModel", "siglip": "SiglipModel"}.get(family, "AutoModel")
     tags = ["cliptune", family, "image-text-retrieval"] + (["lora", "peft-merged"] if adapter else []) \
         + (["onnx"] if onnx else [])
-    lines = ["---", "library_name: transformers", f"base_model: {base}", "tags:"]
+    hub_id = hub_model_id(str(base))
+    lines = ["---", "library_name: transformers"] + ([f"base_model: {hub_id}"] if hub_id else []) + ["tags:"]
     lines += [f"- {t}" for t in tags]
+    base_line = (f"[`{hub_id}`](https://huggingface.co/{hub_id})" if hub_id else
+                 f"`{Path(base).expanduser().resolve()}` (a local folder)" if Path(base).expanduser().exists() else
+                 f"`{base}`")
     lines += ["pipeline_tag: zero-shot-image-classification", "---", "",
               f"# {out_dir.name}", "",
-              f"A {family} dual encoder fine-tuned with [cliptune](https://github.com/) "
-              f"{'(LoRA, merged into the weights)' if adapter else '(base weights, no adapter)'}.", "",
-              f"- Base model: `{base}`"]
+              f"{FAMILY_DESCRIPTIONS.get(family, 'A dual encoder')}, "
+              f"{'fine-tuned with cliptune (LoRA, merged into the weights)' if adapter else 'exported by cliptune (base weights, no adapter)'}.",
+              "", f"- Base model: {base_line}"]
     if adapter is not None:
         lines.append(f"- Adapter: `{Path(adapter).name}`")
+    lines += _data_section(adapter, metrics)
     if lora:
         lines += ["", "## LoRA configuration", "", "| setting | value |", "| --- | --- |"]
         lines += [f"| {k} | {v} |" for k, v in lora.items()]
-    if metrics:
-        lines += ["", "## Retrieval metrics", ""]
-        variants = metrics if all(isinstance(v, dict) for v in metrics.values()) else {"model": metrics}
-        names = [n for n in ("image_to_text_R@1", "image_to_text_R@5", "text_to_image_R@1", "text_to_image_R@5",
-                             "rsum") if any(n in v for v in variants.values())]
-        lines += ["| variant | " + " | ".join(names) + " |", "| --- " * (len(names) + 1) + "|"]
+    variants = _metric_variants(metrics)
+    if variants:
+        names = [n for n in METRIC_COLUMNS if any(n in v for v in variants.values())]
+        lines += ["", "## Retrieval metrics", "", "| variant | " + " | ".join(names) + " |",
+                  "| --- " * (len(names) + 1) + "|"]
         for variant, values in variants.items():
             lines.append(f"| {variant} | " + " | ".join(f"{values.get(n, float('nan')):.2f}" for n in names) + " |")
     lines += ["", "## Use with transformers", "", "```python", "import torch",
@@ -224,12 +263,64 @@ def write_model_card(out_dir: Path, base: str, family: str, adapter: Path | None
     return path
 
 
+def _data_section(adapter: Path | None, metrics: dict | None) -> list[str]:
+    """## Training data: the run's annotations, splits and recipe (config.yaml beside adapter/)."""
+    lines = ["", "## Training data", ""]
+    if adapter is None:
+        return lines + ["None: the base model's weights, exported unchanged."]
+    config_path = Path(adapter).parent / "config.yaml"
+    if not config_path.is_file():
+        return lines + [f"Not recorded: no config.yaml beside the adapter (`{Path(adapter).parent.name}/`)."]
+    import yaml
+
+    run = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    data, train = run.get("data") or {}, run.get("train") or {}
+    rows = [("annotations", f"`{data.get('path')}` ({data.get('format', 'auto')})"),
+            ("images", f"`{data['image_root']}`" if data.get("image_root") else "beside the annotations"),
+            ("splits", f"trained on `{data.get('train_split')}`, scored on `{data.get('val_split')}`"),
+            ("captions", {"sample": "one of each image's captions drawn per epoch",
+                          "all": "every caption of every image, each epoch"}.get(data.get("captions"), "?"))]
+    if data.get("max_images"):
+        rows.append(("images per split", f"first {data['max_images']}"))
+    if isinstance(metrics, dict) and "images_scored" in metrics:
+        rows.append(("scored", f"{metrics['images_scored']} images, {metrics.get('captions_scored', '?')} captions"))
+    micro, steps = train.get("micro_batch_size"), train.get("grad_accum_steps")
+    rows += [("epochs", train.get("epochs")),
+             ("batch", f"{micro} x {steps} pairs ({train.get('accumulation')} accumulation)"),
+             ("optimizer", f"AdamW, lr {train.get('lr')}, {train.get('schedule')} schedule, "
+                           f"warmup {train.get('warmup_ratio')}, weight decay {train.get('weight_decay')}"),
+             ("seed", train.get("seed"))]
+    return lines + ["| | |", "| --- | --- |"] + [f"| {name} | {value} |" for name, value in rows]
+
+
+def _metric_variants(metrics: dict | None) -> dict[str, dict]:
+    """{variant: metrics} from a training run's metrics.json ({"zero-shot": {...}, "fine-tuned": {...}}),
+    `cliptune eval --out`'s ({"results": {...}, "images_scored": ...}) or one flat metrics dict."""
+    if not isinstance(metrics, dict):
+        return {}
+    if isinstance(metrics.get("results"), dict):
+        metrics = metrics["results"]
+    if any(name in metrics for name in METRIC_COLUMNS):
+        return {"model": metrics}
+    return {name: values for name, values in metrics.items()
+            if isinstance(values, dict) and any(n in values for n in METRIC_COLUMNS)}
+
+
 def export_model(base: str, out_dir: Path, adapter: Path | None = None, onnx: bool = False, quantize: bool = False,
                  metrics_path: Path | None = None) -> ExportResult:
     """Merge `adapter` into `base` and write the export folder described in this module's docstring."""
     out_dir = Path(out_dir)
+    # Every argument is checked before the model loads: a typo should not cost a minute of loading.
     if quantize and not onnx:
-        raise ValueError("export: quantize needs onnx (int8 quantisation is applied to the ONNX encoders)")
+        raise UsageError("export: int8 quantisation applies to the ONNX encoders; add onnx (--onnx)")
+    if not str(base).strip():
+        raise UsageError("export: model.name is empty: give the base model (hub id or folder)")
+    if adapter is not None and not Path(adapter).is_dir():
+        raise UsageError(f"export: adapter folder {adapter} does not exist")
+    if metrics_path is not None and not Path(metrics_path).is_file():
+        raise UsageError(f"export: metrics file {metrics_path} does not exist")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"export: {out_dir} is a file, not a folder")
     model, preprocessing = load_merged_model(base, adapter)
     save_merged(model, preprocessing, out_dir)
     if onnx:
@@ -273,6 +364,10 @@ def measure_quantization(onnx_dir: Path, records: list, batch_size: int = 32) ->
     from cliptune.metrics import retrieval_metrics
     from cliptune.search import OnnxEmbedder
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"train.eval_batch_size: {batch_size!r} must be an integer >= 1")
+    if not records:
+        raise UsageError("measure_quantization: no images to measure on")
     texts, text_image_index = flatten_captions(records)
     paths = [r.image_path for r in records]
     results, seconds = {}, {}

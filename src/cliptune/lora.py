@@ -1,8 +1,10 @@
 """Which weights train: LoRA adapters per tower (PEFT), frozen or fully trained towers, heads, temperature.
 
-The adapter is a plain PEFT adapter: `PeftModel.from_pretrained(CLIPModel.from_pretrained(base), dir)`
-loads what `save_adapter` writes. The temperature/bias, which PEFT does not save, go to a side file;
-they change the loss, not the embeddings, so retrieval through plain PEFT is unchanged without them.
+Every run's adapter is a plain PEFT adapter: `PeftModel.from_pretrained(CLIPModel.from_pretrained(base), dir)`
+loads what `save_adapter` writes. LoRA layers are PEFT's; trained heads and fully trained towers are
+PEFT `modules_to_save` (a run without any LoRA layer uses PEFT's dummy target, so it is still a
+PEFT adapter). The temperature/bias, which PEFT does not save, go to a side file; they change the
+loss, not the embeddings, so retrieval through plain PEFT is unchanged without them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from pathlib import Path
 
 import peft
 import torch
+from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
+from peft.utils.constants import DUMMY_TARGET_MODULES
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -24,6 +29,11 @@ PROJECTIONS = {"clip": ["visual_projection", "text_projection"], "dual": ["visua
 DEFAULT_TARGETS = {"clip": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
                    "siglip": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}
 SCALE_FILE = "cliptune_logit_scale.safetensors"
+LEGACY_TRAINED_FILE = "trained_modules.safetensors"  # heads-only adapters written before they were PEFT
+# Kept on the PeftModel for `set_adapter_scale`: the zero-shot temperature/bias (PEFT keeps the base
+# copy of everything else it trains), and the fine-tuned values of what the scale interpolates.
+_ZERO_SHOT_ATTR = "cliptune_zero_shot_scales"
+_FINE_TUNED_ATTR = "cliptune_fine_tuned_tensors"
 _LORA_LAYER_TYPES = (nn.Linear, nn.Conv2d, nn.Conv1d)
 
 
@@ -42,9 +52,12 @@ class ParameterCount:
 
 
 def count_parameters(module: nn.Module) -> ParameterCount:
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in module.parameters())
-    return ParameterCount(trainable, total)
+    """Parameters of the model as it computes: PEFT keeps an untouched base copy of each trained head
+    or tower (`modules_to_save`), which is left out, so training the heads does not grow "all params"."""
+    shadowed = {id(p) for m in module.modules() if isinstance(m, ModulesToSaveWrapper)
+                for p in m.original_module.parameters()}
+    params = [p for p in module.parameters() if id(p) not in shadowed]
+    return ParameterCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
 
 
 def default_targets(model: ContrastiveModel) -> dict[str, list[str]]:
@@ -95,24 +108,21 @@ def apply_lora(model: ContrastiveModel, settings: LoraSettings) -> ParameterCoun
     base = model.base
     for param in base.parameters():
         param.requires_grad_(False)
-    if targets:
-        config = peft.LoraConfig(
-            r=settings.r,
-            lora_alpha=settings.alpha,
-            lora_dropout=settings.dropout,
-            target_modules=targets,
-            modules_to_save=modules_to_save or None,
-            use_dora=settings.use_dora,
-            use_rslora=settings.use_rslora,
-            bias="none",
-        )
-        model.net = peft.get_peft_model(base, config)
-        use_fast_lora(model.net, settings.fast_path)
-    else:
-        # No LoRA layer anywhere (towers frozen/full): train the chosen modules directly.
-        for name, module in base.named_modules():
-            if name in modules_to_save:
-                module.requires_grad_(True)
+    config = peft.LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        # Without any LoRA layer (heads only, full towers) the run is still a PEFT adapter, so plain
+        # PeftModel.from_pretrained loads every run; PEFT refuses an empty target list, not its dummy.
+        target_modules=targets or DUMMY_TARGET_MODULES,
+        modules_to_save=modules_to_save or None,
+        use_dora=settings.use_dora,
+        use_rslora=settings.use_rslora,
+        bias="none",
+    )
+    model.net = peft.get_peft_model(base, config)
+    use_fast_lora(model.net, settings.fast_path)
+    _remember_zero_shot_scales(model)
     scale_params = [model.logit_scale] + ([model.logit_bias] if model.logit_bias is not None else [])
     for param in scale_params:
         param.requires_grad_(settings.train_logit_scale)
@@ -121,12 +131,10 @@ def apply_lora(model: ContrastiveModel, settings: LoraSettings) -> ParameterCoun
 
 def save_adapter(model: ContrastiveModel, out_dir: Path) -> None:
     """PEFT adapter files (adapter_config.json + adapter_model.safetensors) and the temperature."""
+    if not isinstance(model.net, peft.PeftModel):
+        raise ValueError("save_adapter: the model has no adapter; call apply_lora or load_adapter first")
     out_dir.mkdir(parents=True, exist_ok=True)
-    if isinstance(model.net, peft.PeftModel):
-        model.net.save_pretrained(str(out_dir))
-    else:
-        trainable = {n: p.detach().cpu().contiguous() for n, p in model.base.named_parameters() if p.requires_grad}
-        save_file(trainable, str(out_dir / "trained_modules.safetensors"))
+    model.net.save_pretrained(str(out_dir))
     scales = {"logit_scale": model.logit_scale.detach().cpu().reshape(1)}
     if model.logit_bias is not None:
         scales["logit_bias"] = model.logit_bias.detach().cpu().reshape(1)
@@ -144,14 +152,11 @@ def load_adapter(model: ContrastiveModel, adapter_dir: Path, is_trainable: bool 
             model.net = peft.PeftModel.from_pretrained(model.base, str(adapter_dir), is_trainable=is_trainable)
         except (ValueError, RuntimeError, KeyError) as err:
             raise ConfigError(f"adapter {adapter_dir} does not fit this base model: {err}") from err
-    elif (adapter_dir / "trained_modules.safetensors").is_file():
-        state = load_file(str(adapter_dir / "trained_modules.safetensors"))
-        missing = [k for k in state if k not in dict(model.base.named_parameters())]
-        if missing:
-            raise ConfigError(f"adapter {adapter_dir} does not fit this base model: unknown weights {missing[:3]}")
-        model.base.load_state_dict(state, strict=False)
+    elif (adapter_dir / LEGACY_TRAINED_FILE).is_file():
+        model.net = _peft_from_legacy_weights(model, adapter_dir, is_trainable)
     else:
-        raise ConfigError(f"adapter: {adapter_dir} has neither adapter_config.json nor trained_modules.safetensors")
+        raise ConfigError(f"adapter: {adapter_dir} has neither adapter_config.json nor {LEGACY_TRAINED_FILE}")
+    _remember_zero_shot_scales(model)
     scale_file = adapter_dir / SCALE_FILE
     if scale_file.is_file():
         scales = load_file(str(scale_file))
@@ -161,9 +166,34 @@ def load_adapter(model: ContrastiveModel, adapter_dir: Path, is_trainable: bool 
                 model.logit_bias.copy_(scales["logit_bias"].reshape(model.logit_bias.shape))
 
 
+def _peft_from_legacy_weights(model: ContrastiveModel, adapter_dir: Path, is_trainable: bool) -> peft.PeftModel:
+    """Runs without LoRA layers used to save their trained tensors by model name in
+    `trained_modules.safetensors`; they become the PEFT adapter such a run writes now (the same
+    modules as `modules_to_save`), so scaling and merging treat old and new runs alike."""
+    state = load_file(str(adapter_dir / LEGACY_TRAINED_FILE))
+    known = model.base.state_dict()
+    unknown = [key for key in state if key not in known]
+    if unknown:
+        raise ConfigError(f"adapter {adapter_dir} does not fit this base model: unknown weights {unknown[:3]}")
+    # Top-level tensors (logit_scale, logit_bias) are no module's; the scale file restores them.
+    modules = sorted({key.split(".", 1)[0] for key in state if "." in key})
+    config = peft.LoraConfig(target_modules=DUMMY_TARGET_MODULES, modules_to_save=modules or None,
+                             inference_mode=not is_trainable)
+    net = peft.get_peft_model(model.base, config)
+    inner = net.get_base_model()
+    for name in modules:
+        copy = inner.get_submodule(name).modules_to_save["default"]
+        weights = {key[len(name) + 1:]: value for key, value in state.items() if key.startswith(name + ".")}
+        try:
+            copy.load_state_dict(weights, strict=False)  # the file holds trained parameters only, no buffers
+        except RuntimeError as err:
+            raise ConfigError(f"adapter {adapter_dir} does not fit this base model: {err}") from err
+    return net
+
+
 def _check_adapter_targets(model: ContrastiveModel, adapter_dir: Path) -> None:
     """PEFT loads an adapter whose layers are missing from the model without a word (same shapes,
-    other depth); refuse it instead, naming a layer the base model lacks."""
+    other depth); refuse it instead, naming a layer or weight the base model lacks."""
     import re
 
     from safetensors import safe_open
@@ -173,24 +203,73 @@ def _check_adapter_targets(model: ContrastiveModel, adapter_dir: Path) -> None:
         return
     with safe_open(str(weights), framework="pt") as handle:
         keys = list(handle.keys())
-    names = {name for name, _ in model.base.named_modules()}
+    modules = {name for name, _ in model.base.named_modules()}
+    tensors = set(model.base.state_dict())
     for key in keys:
-        # base_model.model.<module path>.lora_A.weight  (or .lora_B / .lora_magnitude_vector / modules_to_save)
-        module = re.sub(r"^base_model\.model\.", "", key)
-        module = re.split(r"\.(lora_[A-Za-z_]+|modules_to_save)\b", module)[0]
-        module = re.sub(r"\.(weight|bias)$", "", module)
-        if module not in names:
+        name = re.sub(r"^base_model\.model\.", "", key)
+        # <module>.lora_A.weight (or lora_B, lora_magnitude_vector...): the adapted module must exist.
+        # Anything else is a modules_to_save tensor, saved under the base model's own name for it.
+        parts = re.split(r"\.lora_[A-Za-z_]+\b", name)
+        missing = parts[0] if len(parts) > 1 and parts[0] not in modules else \
+            name if len(parts) == 1 and name not in tensors else None
+        if missing is not None:
             raise ConfigError(f"adapter {adapter_dir} does not fit this base model: it holds weights for "
-                              f"{module!r}, which the model does not have")
+                              f"{missing!r}, which the model does not have")
+
+
+def _remember_zero_shot_scales(model: ContrastiveModel) -> None:
+    """Note the base model's temperature/bias before training or loading changes them: PEFT keeps
+    a base copy of every module it trains, but these two are plain parameters outside its reach."""
+    scales = {"logit_scale": model.logit_scale}
+    if model.logit_bias is not None:
+        scales["logit_bias"] = model.logit_bias
+    setattr(model.net, _ZERO_SHOT_ATTR, {key: value.detach().clone() for key, value in scales.items()})
+
+
+def _interpolated_tensors(model: ContrastiveModel) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(live tensor, zero-shot value, fine-tuned value) of every trained tensor that is not a LoRA
+    layer's: the modules_to_save copies (heads, fully trained towers) and the temperature/bias."""
+    net = model.net
+    found: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    for name, module in net.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            zero_shot = module.original_module.state_dict(keep_vars=True)
+            for adapter in module.active_adapters:
+                for key, live in module.modules_to_save[adapter].state_dict(keep_vars=True).items():
+                    found.append((f"{name}.{adapter}.{key}", live, zero_shot[key]))
+    zero_shot_scales = getattr(net, _ZERO_SHOT_ATTR, {})
+    for key, live in (("logit_scale", model.logit_scale), ("logit_bias", model.logit_bias)):
+        if live is not None and key in zero_shot_scales:
+            found.append((key, live, zero_shot_scales[key]))
+    fine_tuned = getattr(net, _FINE_TUNED_ATTR, None)
+    if fine_tuned is None:  # the first scaling: the live tensors still hold the fine-tuned values
+        fine_tuned = {name: live.detach().clone() for name, live, _ in found}
+        setattr(net, _FINE_TUNED_ATTR, fine_tuned)
+    return [(live, zero_shot.detach(), fine_tuned[name]) for name, live, zero_shot in found]
 
 
 def set_adapter_scale(model: ContrastiveModel, scale: float) -> None:
-    """Scale every LoRA update by `scale`: 0 is zero-shot, 1 the fine-tuned model, and values between
-    interpolate in weight space (WiSE-FT's idea applied to the low-rank update). With DoRA the
-    magnitude vector is not interpolated, so 0 is only approximately zero-shot."""
-    from peft.tuners.lora import LoraLayer
+    """Move every trained weight between the base model (0) and the fine-tuned one (1), WiSE-FT's
+    weight-space interpolation: each LoRA update is scaled by `scale`, and every other trained
+    tensor (heads, fully trained towers, temperature) becomes base + scale * (fine-tuned - base).
+    0 and 1 give the zero-shot and the fine-tuned weights exactly. With DoRA the magnitude vector
+    is not interpolated, so 0 is only approximately zero-shot.
 
+    The fine-tuned values are noted at the first call: scale a finished model, not one in training.
+    """
+    if not isinstance(model.net, peft.PeftModel):
+        raise ValueError("set_adapter_scale: the model has no adapter; call load_adapter first")
     for module in model.net.modules():
         if isinstance(module, LoraLayer):
             for adapter in module.active_adapters:
                 module.set_scale(adapter, scale)
+    with torch.no_grad():
+        for live, zero_shot, fine_tuned in _interpolated_tensors(model):
+            zero_shot, fine_tuned = zero_shot.to(live.device), fine_tuned.to(live.device)
+            # The ends are copied, not computed: base + 1 * (tuned - base) can miss tuned by a rounding.
+            if scale == 0:
+                live.copy_(zero_shot)
+            elif scale == 1 or not live.is_floating_point():
+                live.copy_(fine_tuned)
+            else:
+                live.copy_(torch.lerp(zero_shot, fine_tuned, scale))

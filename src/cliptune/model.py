@@ -16,6 +16,7 @@ import transformers
 from torch import nn
 
 from cliptune.config import ModelConfig
+from cliptune.images import SHORTEST_EDGE_CROP, SQUASH, ImageTransform, ResizeRule, normalize_pixels
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,11 @@ class ModelLoadError(ValueError):
 
 @dataclass(frozen=True)
 class Preprocessing:
+    """What turns a photo and a caption into model inputs: the model's own image processor settings
+    (read from its preprocessor_config.json) and its tokenizer."""
+
     image_size: int
+    """Square side fed to the model: the processor's crop_size (CLIP) or size (SigLIP)."""
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
     tokenizer: transformers.PreTrainedTokenizerBase
@@ -42,6 +47,27 @@ class Preprocessing:
     pad_to_max_length: bool
     """SigLIP pools the last position of the sequence, so its captions must be padded to the
     length it was trained with; CLIP pools at the EOS token and can pad to the batch's longest."""
+    resize_mode: str = SHORTEST_EDGE_CROP
+    """`shortest_edge_crop` (CLIP: shorter side to resize_size, then the centre crop) or `squash`
+    (SigLIP: straight to resize_size x resize_size, aspect ratio not kept)."""
+    resize_size: int | None = None
+    """The processor's size: shortest_edge, or the squashed side; None means image_size."""
+    resample: int = 3
+    """PIL resampling filter of the processor's resize (3 = bicubic)."""
+    rescale_factor: float = 1 / 255
+    """uint8 -> float scale before mean/std (1.0 when the processor does not rescale)."""
+
+    @property
+    def resize_rule(self) -> ResizeRule:
+        return ResizeRule(self.resize_mode, self.resize_size, self.resample)
+
+    def image_transform(self, augment=None) -> ImageTransform:
+        """The uint8 transform; without `augment` its pixels are exactly the processor's."""
+        return ImageTransform(self.image_size, augment, self.resize_rule)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, S, S) on any device -> float32 model input, bit-identical to the processor's."""
+        return normalize_pixels(pixels, self.image_mean, self.image_std, self.rescale_factor)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return self.tokenizer(
@@ -135,25 +161,84 @@ def _family(config, name: str) -> tuple[str, type]:
 
 def _preprocessing(name: str, family: str, config, tokenizer, kwargs: dict) -> Preprocessing:
     if family == "dual":
-        size, mean, std = config.image_size, tuple(config.image_mean), tuple(config.image_std)
+        # The composed model keeps its vision tower's size and mean/std in its config and resizes as CLIP does.
+        image = {"image_size": int(config.image_size), "image_mean": tuple(config.image_mean),
+                 "image_std": tuple(config.image_std)}
         max_length = min(tokenizer.model_max_length, config.max_text_length)
     else:
-        size = config.vision_config.image_size
-        mean, std = (SIGLIP_MEAN, SIGLIP_STD) if family == "siglip" else (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        size = int(config.vision_config.image_size)
+        image = _default_image_settings(family, size)
         try:
-            processor = transformers.AutoImageProcessor.from_pretrained(name, **kwargs)
-            mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+            # The PIL processor: where torchvision is installed AutoImageProcessor would hand back
+            # the torchvision one, whose resize differs slightly; the PIL one is the reference.
+            processor = transformers.AutoImageProcessor.from_pretrained(name, backend="pil", **kwargs)
         except (OSError, ValueError):
-            log.warning("%s has no preprocessor_config.json: using %s's mean/std at %d px", name, family, size)
+            log.warning("%s has no preprocessor_config.json: using %s's defaults (%s to %d px)", name, family,
+                        image["resize_mode"], size)
+        else:
+            image = image_settings_from_processor(processor, f"{name}: preprocessor_config.json")
+            if image["image_size"] != size:
+                log.warning("%s: the image processor makes %d px inputs but the model was built for %d px; "
+                            "following the processor", name, image["image_size"], size)
         max_length = config.text_config.max_position_embeddings
-    return Preprocessing(
-        image_size=int(size),
-        image_mean=mean,
-        image_std=std,
-        tokenizer=tokenizer,
-        max_text_length=int(max_length),
-        pad_to_max_length=family == "siglip",
-    )
+    return Preprocessing(tokenizer=tokenizer, max_text_length=int(max_length), pad_to_max_length=family == "siglip",
+                         **image)
+
+
+def _default_image_settings(family: str, size: int) -> dict:
+    """What CLIPImageProcessor / SiglipImageProcessor do by default, for folders without a processor config."""
+    if family == "siglip":
+        return {"image_size": size, "image_mean": SIGLIP_MEAN, "image_std": SIGLIP_STD, "resize_mode": SQUASH,
+                "resize_size": size}
+    return {"image_size": size, "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD,
+            "resize_mode": SHORTEST_EDGE_CROP, "resize_size": size}
+
+
+def image_settings_from_processor(processor, source: str) -> dict:
+    """Preprocessing's image fields from a transformers image processor (its resize rule, crop,
+    filter, rescale and mean/std); a processor whose output is not one square size is refused."""
+
+    def fail(why: str) -> ModelLoadError:
+        return ModelLoadError(f"{source}: {why}; cliptune feeds every image as one square size")
+
+    if not getattr(processor, "do_resize", True):
+        raise fail("do_resize is false (images would keep their own sizes)")
+    size = dict(processor.size or {})
+    if set(size) == {"shortest_edge"}:
+        mode, resize_size = SHORTEST_EDGE_CROP, int(size["shortest_edge"])
+    elif set(size) == {"height", "width"}:
+        if size["height"] != size["width"]:
+            raise fail(f"size {size['height']}x{size['width']} is not square")
+        mode, resize_size = SQUASH, int(size["height"])
+    else:
+        raise fail(f"size {size} is neither {{shortest_edge}} nor {{height, width}}")
+    image_size = resize_size
+    if getattr(processor, "do_center_crop", False):
+        crop = dict(processor.crop_size or {})
+        if set(crop) != {"height", "width"} or crop["height"] != crop["width"]:
+            raise fail(f"crop_size {crop} is not a square")
+        image_size = int(crop["height"])
+    elif mode == SHORTEST_EDGE_CROP:
+        raise fail("size is a shortest_edge without a centre crop (outputs keep their aspect ratio)")
+    mean = _per_channel(processor.image_mean) if processor.do_normalize else (0.0, 0.0, 0.0)
+    std = _per_channel(processor.image_std) if processor.do_normalize else (1.0, 1.0, 1.0)
+    return {
+        "image_size": image_size,
+        "image_mean": mean,
+        "image_std": std,
+        "resize_mode": mode,
+        "resize_size": resize_size,
+        "resample": int(processor.resample if processor.resample is not None else 2),  # PIL backend's default: bilinear
+        "rescale_factor": float(processor.rescale_factor) if processor.do_rescale else 1.0,
+    }
+
+
+def _per_channel(value) -> tuple[float, float, float]:
+    # transformers' normalize takes one number for all channels as well as one per channel.
+    values = [value] * 3 if isinstance(value, (int, float)) else list(value)
+    if len(values) != 3:
+        raise ModelLoadError(f"image processor mean/std {value!r} does not have 3 channels")
+    return tuple(float(v) for v in values)
 
 
 def _random_vit_b_32() -> tuple[ContrastiveModel, Preprocessing]:
@@ -165,5 +250,6 @@ def _random_vit_b_32() -> tuple[ContrastiveModel, Preprocessing]:
     text = {"bos_token_id": tokenizer.cls_token_id, "eos_token_id": tokenizer.sep_token_id,
             "pad_token_id": tokenizer.pad_token_id}
     net = transformers.CLIPModel(transformers.CLIPConfig(text_config=text))
-    preprocessing = Preprocessing(224, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, tokenizer, 77, False)
+    preprocessing = Preprocessing(tokenizer=tokenizer, max_text_length=77, pad_to_max_length=False,
+                                  **_default_image_settings("clip", 224))
     return ContrastiveModel(net, "clip"), preprocessing

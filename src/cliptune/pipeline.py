@@ -91,6 +91,25 @@ def scan_images(records: list[ImageCaptions], max_pixels: int, workers: int = 4,
     return good, bad
 
 
+SKIPPED_SHOWN = 5  # files listed on the console; the report and metrics.json list them all
+
+
+def skip_reason(path: str, reason: str) -> str:
+    """`reason` without the leading "path: " that ImageError messages carry (the path is shown beside it)."""
+    return reason.removeprefix(f"{path}: ")
+
+
+def skipped_lines(bad: list[tuple[str, str]], limit: int = SKIPPED_SHOWN) -> list[str]:
+    """The first `limit` skipped files, one "  path: reason" line each."""
+    return [f"  {path}: {skip_reason(path, why)}" for path, why in bad[:limit]]
+
+
+def describe_skipped(bad: list[tuple[str, str]], checked: int, what: str) -> str:
+    """What the console shows after an image check: one summary line and the first few files."""
+    first = f"; the first {SKIPPED_SHOWN}" if len(bad) > SKIPPED_SHOWN else ""
+    return "\n".join([f"skipped {len(bad)} of {checked} {what}: unreadable{first}", *skipped_lines(bad)])
+
+
 def epoch_pairs(records: list[ImageCaptions], mode: str, seed: int, epoch: int) -> list[tuple[int, int]]:
     """The epoch's (image index, caption index) pairs, shuffled. `sample`: one random caption per
     image; `all`: every caption."""
@@ -128,16 +147,18 @@ def decode_pixels(path, transform: ImageTransform, max_pixels: int, image_source
                   rng: random.Random | None = None) -> torch.Tensor:
     """(3, size, size) uint8 pixels of one image, from the cache when there is one.
 
-    A cache made at the model's input size with no augmentation asked for is used as is: no PIL
-    round trip, no resize (about 7x cheaper per image than going through the transform).
+    Without augmentation these are exactly the model's image processor's pixels: a cache built with
+    the transform's size and resize rule holds them already (no PIL round trip, no resize: about 7x
+    cheaper), and files are decoded in full. A cache of another size or rule is resized again (close,
+    not identical; the trainer warns), and only augmented images may come from a reduced JPEG decode.
     """
+    augmenting = transform.augment is not None and rng is not None
     if image_source is not None:
-        augmenting = transform.augment is not None and rng is not None
-        if not augmenting and image_source.size == transform.size:
+        if not augmenting and image_source.exact_for(transform):
             return torch.from_numpy(image_source.get_array(path)).permute(2, 0, 1).contiguous()
         image = image_source.get_pil(path)
     else:
-        image = open_rgb(path, max_pixels, draft_size=transform.size * 2)
+        image = open_rgb(path, max_pixels, draft_size=transform.size * 2 if augmenting else None)
     return transform(image, rng)
 
 

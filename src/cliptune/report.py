@@ -461,14 +461,18 @@ def _build_sections(out_dir: Path, inputs: ReportInputs) -> list[_Section]:
     sections.append(model)
 
     if inputs.skipped_inputs:
-        skipped = _Section(f"Skipped inputs ({len(inputs.skipped_inputs)})")
+        # One row per file: a file in both train and val (or refused again while training) is one skip.
+        unique: dict[str, str] = {}
+        for path, reason in inputs.skipped_inputs:
+            unique.setdefault(path, reason)
+        skipped = _Section(f"Skipped inputs ({len(unique)})")
         skipped.paragraphs.append("These data items could not be read and were left out:")
         skipped.table = (
-            ["path", "reason"],
-            [list(item) for item in inputs.skipped_inputs[:MAX_SKIPPED_LISTED]],
+            ["path", "reason"],  # reasons that start with their path lose it: it is in the first column
+            [[path, reason.removeprefix(f"{path}: ")] for path, reason in list(unique.items())[:MAX_SKIPPED_LISTED]],
         )
-        if len(inputs.skipped_inputs) > MAX_SKIPPED_LISTED:
-            skipped.paragraphs.append(f"… and {len(inputs.skipped_inputs) - MAX_SKIPPED_LISTED} more.")
+        if len(unique) > MAX_SKIPPED_LISTED:
+            skipped.paragraphs.append(f"… and {len(unique) - MAX_SKIPPED_LISTED} more.")
         sections.append(skipped)
 
     if inputs.notes:

@@ -25,12 +25,13 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from cliptune.images import ImageError, open_rgb, resize_center_crop
+from cliptune.config import UsageError
+from cliptune.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, ResizeRule, normalize_array, open_rgb
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-MAX_PIXELS = 100_000_000
+MAX_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
 INDEX_FILE = "index.faiss"
 META_FILE = "meta.json"
 # What `cliptune.export` writes (defined here so that reading an export never imports torch).
@@ -44,17 +45,18 @@ PREPROCESSING_FILE = "preprocessing.json"
 # do not depend on the backend.
 
 
-def pixel_batch(images: Sequence[Image.Image], size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """RGB images -> float32 (B, 3, size, size) normalised as the model was trained."""
-    arrays = np.stack([np.asarray(resize_center_crop(im, size), dtype=np.uint8) for im in images])  # (B, H, W, 3)
-    pixels = arrays.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
-    mean_a = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
-    std_a = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
-    return (pixels - mean_a) / std_a
+def pixel_batch(images: Sequence[Image.Image], size: int, mean: Sequence[float], std: Sequence[float],
+                rule: ResizeRule | None = None, rescale_factor: float = 1 / 255) -> np.ndarray:
+    """RGB images -> float32 (B, 3, size, size), bit-identical to the model's image processor
+    (its resize `rule`, default CLIP's; rescale and mean/std), as training and evaluation feed the model."""
+    rule = rule or ResizeRule()
+    arrays = np.stack([np.asarray(rule.apply(im, size), dtype=np.uint8) for im in images])  # (B, H, W, 3)
+    return normalize_array(np.ascontiguousarray(arrays.transpose(0, 3, 1, 2)), mean, std, rescale_factor)
 
 
-def _as_images(images: Sequence[Path | str | Image.Image], size: int) -> list[Image.Image]:
-    return [im if isinstance(im, Image.Image) else open_rgb(Path(im), MAX_PIXELS, draft_size=size * 2) for im in images]
+def _as_images(images: Sequence[Path | str | Image.Image]) -> list[Image.Image]:
+    # Decoded in full (no JPEG draft), so a photo embeds exactly as evaluation embeds it.
+    return [im if isinstance(im, Image.Image) else open_rgb(Path(im), MAX_PIXELS) for im in images]
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -79,14 +81,16 @@ class Embedder(Protocol):
 class TorchEmbedder:
     """A base model, base + adapter, or merged export folder, run with PyTorch."""
 
-    def __init__(self, model: str, adapter: str | Path | None = None, device: str = "cpu", batch_size: int = 32):
+    def __init__(self, model: str, adapter: str | Path | None = None, device: str = "auto", batch_size: int = 32):
         import torch
 
         from cliptune.export import load_merged_model
+        from cliptune.runtime import resolve_device
 
+        _check_batch_size(batch_size)
         self._torch = torch
+        self.device = resolve_device(device)
         self.model, self.preprocessing = load_merged_model(model, Path(adapter) if adapter else None)
-        self.device = torch.device(device)
         self.model.to(self.device)
         self.batch_size = batch_size
         self.image_size = self.preprocessing.image_size
@@ -98,8 +102,8 @@ class TorchEmbedder:
         p = self.preprocessing
         out = []
         for start in range(0, len(images), self.batch_size):
-            batch = pixel_batch(_as_images(images[start:start + self.batch_size], self.image_size),
-                                p.image_size, p.image_mean, p.image_std)
+            batch = pixel_batch(_as_images(images[start:start + self.batch_size]),
+                                p.image_size, p.image_mean, p.image_std, p.resize_rule, p.rescale_factor)
             with self._torch.no_grad():
                 features = self.model.encode_images(self._torch.from_numpy(batch).to(self.device))
             out.append(features.float().cpu().numpy())
@@ -123,6 +127,7 @@ class OnnxEmbedder:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
+        _check_batch_size(batch_size)
         folder = Path(onnx_dir)
         if not (folder / PREPROCESSING_FILE).is_file() and (folder / ONNX_DIR / PREPROCESSING_FILE).is_file():
             folder = folder / ONNX_DIR  # the export folder itself was given
@@ -154,8 +159,9 @@ class OnnxEmbedder:
         s = self.settings
         out = []
         for start in range(0, len(images), self.batch_size):
-            batch = pixel_batch(_as_images(images[start:start + self.batch_size], self.image_size),
-                                self.image_size, s["mean"], s["std"])
+            # Exports from before exact preprocessing lack "resize" / "rescale_factor": CLIP's defaults.
+            batch = pixel_batch(_as_images(images[start:start + self.batch_size]), self.image_size, s["mean"],
+                                s["std"], ResizeRule.from_dict(s.get("resize", {})), s.get("rescale_factor", 1 / 255))
             out.append(self.image_session.run(None, {"pixel_values": batch})[0])
         return _normalise(np.concatenate(out)) if out else np.empty((0, self.dim), np.float32)
 
@@ -167,6 +173,11 @@ class OnnxEmbedder:
             attention_mask = np.asarray([e.attention_mask for e in encodings], dtype=np.int64)
             out.append(self.text_session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0])
         return _normalise(np.concatenate(out)) if out else np.empty((0, self.dim), np.float32)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"train.eval_batch_size: {batch_size!r} must be an integer >= 1")
 
 
 def load_embedder(spec: dict[str, Any], batch_size: int = 32) -> Embedder:
@@ -222,9 +233,18 @@ class Index:
         with the same embedder and file list) are reused. `max_shards` stops early (for tests/benchmarks)."""
         from tqdm.auto import tqdm
 
-        photos, out_dir = Path(photos).resolve(), Path(out_dir)
+        photos, out_dir = Path(photos).expanduser().resolve(), Path(out_dir)
+        if not photos.is_dir():
+            raise UsageError(f"{photos}: no such folder of photos")
+        if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+            raise UsageError(f"shard_size: {shard_size!r} must be an integer >= 1")
+        if approximate not in (None, "hnsw", "ivf"):
+            raise UsageError(f"approximate: {approximate!r} is not one of hnsw, ivf")
         files = list_images(photos)
+        if not files:
+            raise UsageError(f"{photos}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in it or its sub-folders")
         rel = [str(p.relative_to(photos)) for p in files]
+        created = not out_dir.exists()
         parts = out_dir / "parts"
         plan = {"photo_root": str(photos), "files": rel, "embedder": embedder.spec, "shard_size": shard_size}
         plan_file = parts / "plan.json"
@@ -250,7 +270,7 @@ class Index:
             images, kept, skipped = [], [], []
             for path in chunk:
                 try:
-                    images.append(open_rgb(path, MAX_PIXELS, draft_size=embedder.image_size * 2))
+                    images.append(open_rgb(path, MAX_PIXELS))  # full decode: the processor's exact pixels
                     kept.append(str(path.relative_to(photos)))
                 except ImageError as err:
                     skipped.append([str(path.relative_to(photos)), str(err)])
@@ -271,7 +291,10 @@ class Index:
             skipped += record["skipped"]
         embeddings = np.concatenate(chunks) if chunks else np.empty((0, embedder.dim), np.float32)
         if len(paths) == 0:
-            raise ValueError(f"{photos}: no readable images ({len(skipped)} unreadable)")
+            # Shards of nothing are no start to resume from: leave no half-built index behind.
+            shutil.rmtree(out_dir if created else parts)
+            raise UsageError(f"{photos}: no readable images ({len(skipped)} unreadable, e.g. {skipped[0][0]}: "
+                             f"{skipped[0][1]})")
         index = _faiss_index(np.ascontiguousarray(embeddings, dtype=np.float32), approximate)
         import faiss
 
@@ -297,17 +320,51 @@ class Index:
         return cls(root, Path(meta["photo_root"]), meta["paths"], meta, index, embedder)
 
     def embed_query(self, query: str | Path | Image.Image) -> np.ndarray:
+        query = check_query(query)  # before loading the embedder: a bad query costs no model load
         if self.embedder is None:
             self.embedder = load_embedder(self.meta["embedder"])
-        if isinstance(query, Image.Image) or (Path(query).suffix.lower() in IMAGE_EXTENSIONS and Path(query).is_file()):
+        if isinstance(query, (Image.Image, Path)):
             return self.embedder.embed_images([query])
-        return self.embedder.embed_texts([str(query)])
+        return self.embedder.embed_texts([query])
 
     def search(self, query: str | Path | Image.Image, k: int = 5) -> list[tuple[str, float]]:
-        """The k best photos for a sentence, an image file or a PIL image: (path, cosine), best first."""
+        """The k best photos for a sentence, an image file or a PIL image: (path, cosine), best first.
+        Fewer than k when the index holds fewer photos."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise UsageError(f"k: {k!r} must be an integer >= 1 (the number of results)")
         vector = self.embed_query(query)  # (1, D)
         scores, rows = self.faiss_index.search(np.ascontiguousarray(vector, dtype=np.float32), min(k, len(self.paths)))
         return [(str(self.photo_root / self.paths[r]), float(s)) for s, r in zip(scores[0], rows[0]) if r >= 0]
+
+
+def check_query(query: str | Path | Image.Image) -> str | Path | Image.Image:
+    """A sentence (str), an image file (Path) or a PIL image, refusing what would search for nonsense.
+
+    A string that looks like a path (it ends in an image suffix, or has a path separator and no
+    whitespace) is an image query, and must exist: a mistyped file name searched as a sentence
+    would return confident nonsense.
+    """
+    if isinstance(query, Image.Image):
+        return query
+    if isinstance(query, Path):
+        path = query.expanduser()
+        if not path.is_file():
+            raise UsageError(f"image query {query}: no such file")
+        return path
+    if not isinstance(query, str):
+        raise UsageError(f"query: expected a sentence, an image path or a PIL image, got {type(query).__name__}")
+    text = query.strip()
+    if not text:
+        raise UsageError("query is empty: give a sentence or the path of an image")
+    has_separator = any(sep in text for sep in ("/", "\\")) and not any(c.isspace() for c in text)
+    if Path(text).suffix.lower() in IMAGE_EXTENSIONS or has_separator:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise UsageError(f"image query {text}: no such file")
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise UsageError(f"image query {text}: not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+        return path
+    return text
 
 
 def time_search(index: Index, queries: Sequence[str], k: int = 5) -> float:

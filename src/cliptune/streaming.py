@@ -188,7 +188,9 @@ class ShardPairStream(IterableDataset):
             rng = random.Random(f"{self.seed}:augment:{self.epoch}:{self.rank}:{number}:{position}") \
                 if self.transform.augment else None
             try:
-                image = decode_image_bytes(pair.data, name, self.max_pixels, draft_size=self.transform.size * 2)
+                # A reduced JPEG decode only for augmented images: un-augmented ones are the processor's pixels.
+                draft = self.transform.size * 2 if rng is not None else None
+                image = decode_image_bytes(pair.data, name, self.max_pixels, draft_size=draft)
             except ImageError as err:
                 errors.append((name, str(err)))
                 continue

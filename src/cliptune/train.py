@@ -20,22 +20,23 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import get_int_from_env
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from cliptune.checkpoint import load_latest_checkpoint, save_checkpoint
-from cliptune.config import DataConfig, RunConfig, save_config
+from cliptune.config import ConfigError, DataConfig, RunConfig, save_config
 from cliptune.data import DataError, ImageCaptions, SplitProblems, read_split
 from cliptune.evaluate import autocast_context, embed_split, embed_split_sharded, score_embeddings
-from cliptune.images import ImageTransform, normalize_pixels
 from cliptune.lora import ParameterCount, apply_lora, save_adapter
 from cliptune.loss import clip_loss, gather_ids, gather_sizes, gather_with_grad, siglip_loss
-from cliptune.model import ContrastiveModel, load_model
+from cliptune.model import ContrastiveModel, Preprocessing, load_model
 from cliptune.pipeline import (
     PairCollator,
     PairDataset,
     StepBatchSampler,
     TokenizedCaptions,
+    describe_skipped,
     epoch_pairs,
     plan_steps,
     scan_cached,
@@ -43,6 +44,7 @@ from cliptune.pipeline import (
     step_micro_batches,
     tokenize_captions,
 )
+from cliptune.runtime import resolve_device, resolve_precision
 from cliptune.schedule import lr_multiplier
 from cliptune.streaming import ShardPairStream, count_shards, expand_shards
 from cliptune.webdataset_source import ShardStats, materialize_webdataset
@@ -97,14 +99,6 @@ def plan_training(images: int, captions: int, config: RunConfig, world_size: int
                      world_size)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
 def contrastive_loss(config: RunConfig, family: str):
     kind = config.train.loss if config.train.loss != "auto" else ("siglip" if family == "siglip" else "clip")
 
@@ -147,9 +141,20 @@ class Trainer:
 
     def setup_model(self) -> ParameterCount:
         cfg = self.config
-        cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
-        self.accelerator = Accelerator(cpu=cpu)
-        self.device = self.accelerator.device
+        self.device = resolve_device(cfg.train.device)
+        # Accelerate's device matters only to a launched multi-process run (which one each rank takes, gloo
+        # for CPUs); a single process uses self.device. Asking for cpu=True there would also fail once an
+        # earlier Accelerator in this process chose a GPU ("AcceleratorState has already been initialized").
+        launched = get_int_from_env(["PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "WORLD_SIZE"], 1) > 1
+        self.accelerator = Accelerator(cpu=self.device.type == "cpu" and launched)
+        if self.accelerator.num_processes > 1:
+            # Each process takes its local rank's device; one fixed index cannot serve them all.
+            if self.device.index is not None:
+                raise ConfigError(f"train.device: {cfg.train.device} names one device, but {self.accelerator.num_processes}"
+                                  f" processes share this run; use {self.device.type}")
+            self.device = self.accelerator.device
+        elif self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # kernels and allocations without an explicit device go there too
         self.precision = resolve_precision(cfg.train.precision, self.device)
         torch.manual_seed(cfg.train.seed)  # new layers (LoRA A, composed heads) start the same every run
         self.model, self.preprocessing = load_model(cfg.model)
@@ -175,7 +180,7 @@ class Trainer:
         else:
             records, problems = read_split(cfg.data, cfg.data.train_split)
             self.annotation_problems: SplitProblems = problems
-            self.image_source = _open_cache(cfg)
+            self.image_source = _open_cache(cfg, self.preprocessing)
             good, bad = self._check_images(records, "train")
             self.bad_images = bad
             if bad and cfg.data.bad_images == "fail":
@@ -246,9 +251,13 @@ class Trainer:
 
     def _check_images(self, records: list[ImageCaptions], split: str):
         if self.image_source is not None:
-            return scan_cached(records, self.image_source)
-        return scan_images(records, self.config.data.max_image_pixels, workers=max(2, self.config.data.num_workers),
-                           desc=f"checking {split} images")
+            good, bad = scan_cached(records, self.image_source)
+        else:
+            good, bad = scan_images(records, self.config.data.max_image_pixels,
+                                    workers=max(2, self.config.data.num_workers), desc=f"checking {split} images")
+        if bad and self.accelerator.is_main_process:  # every rank checks; one speaks
+            print(describe_skipped(bad, len(records), f"{split} images"))
+        return good, bad
 
     def _plan(self) -> TrainPlan:
         if self.shards is not None:
@@ -373,7 +382,7 @@ class Trainer:
 
     def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         pixels = batch["pixels"].to(self.device, non_blocking=True)
-        pixels = normalize_pixels(pixels, self.preprocessing.image_mean, self.preprocessing.image_std)
+        pixels = self.preprocessing.normalize(pixels)
         return (pixels, batch["input_ids"].to(self.device, non_blocking=True),
                 batch["attention_mask"].to(self.device, non_blocking=True), batch["image_ids"].to(self.device))
 
@@ -521,7 +530,7 @@ class Trainer:
         augment = cfg.data.augment
         augmenting = augment.random_resized_crop or augment.color_jitter > 0 or augment.horizontal_flip
         # No augmentation asked for: a transform without one lets cached pixels skip PIL entirely.
-        transform = ImageTransform(self.preprocessing.image_size, augment if augmenting else None)
+        transform = self.preprocessing.image_transform(augment if augmenting else None)
         workers = cfg.data.num_workers
         if self.shards is not None:
             dataset = ShardPairStream(
@@ -640,6 +649,8 @@ class Trainer:
                 if self.step >= self.plan.total_steps:
                     break
                 count = self._micro_batches_in_step(step_in_epoch)
+                # Read before the step: stepping the scheduler already moves it to the next step's lr.
+                lr = self.scheduler.get_last_lr()[0]
                 started = time.perf_counter()  # end to end: waiting for the loader counts
                 micro = [next(batches) for _ in range(count)]
                 for b in micro:
@@ -669,7 +680,6 @@ class Trainer:
                 self.train_seconds += elapsed
                 self.pairs_seen += pairs
                 self.step += 1
-                lr = self.scheduler.get_last_lr()[0]
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", pairs_s=f"{pairs / max(elapsed, 1e-9):.1f}")
                 if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == self.plan.total_steps):
@@ -727,9 +737,10 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def _open_cache(config: RunConfig):
+def _open_cache(config: RunConfig, preprocessing: Preprocessing):
     if not config.data.cache_dir:
         return None
     from cliptune.cache import ImageCache
 
-    return ImageCache.open(Path(config.data.cache_dir))
+    # Warns in the run log when the cached pixels are not exactly the model processor's.
+    return ImageCache.open(Path(config.data.cache_dir), expect=preprocessing.image_transform())

@@ -14,7 +14,6 @@ import io
 import json
 import os
 import re
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from cliptune.data import ImageCaptions
-from cliptune.images import ImageError, decode_opened
+from cliptune.images import ImageError, decode_opened, own_pixel_limit
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _SUFFIX_TO_EXTENSION = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
@@ -41,10 +40,8 @@ def decode_image_bytes(data: bytes, name: str, max_pixels: int = 100_000_000,
     """Bytes of an image file -> 8-bit upright RGB, with the same checks as `images.open_rgb`
     (`draft_size`: decode a large JPEG at a reduced scale, as there)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                return decode_opened(image, name, max_pixels, draft_size)
+        with own_pixel_limit(), Image.open(io.BytesIO(data)) as image:  # data.max_image_pixels, not PIL's limit
+            return decode_opened(image, name, max_pixels, draft_size)
     except ImageError:
         raise
     except Exception as err:  # PIL raises many types for corrupt bytes; each means "unusable"
