@@ -20,7 +20,8 @@ def run_mode(mode: str, data: str, steps: int, micro: int, accum: int) -> dict:
     import torch
 
     from cliptune.config import load_config
-    from cliptune.train import Trainer, peak_memory_gb
+    from cliptune.runtime import peak_memory_gb
+    from cliptune.training.recipe import Trainer
 
     micro_batch, accum_steps, accumulation = {
         "plain": (micro, accum, "plain"), "exact": (micro, accum, "exact"),
@@ -34,7 +35,7 @@ def run_mode(mode: str, data: str, steps: int, micro: int, accum: int) -> dict:
         "train.output_dir": "/tmp/cliptune-accumulation-bench"})
     trainer = Trainer(config, progress=False)
     trainer.setup()
-    loader = iter(trainer._loader(0, 0))
+    loader = iter(trainer.data.loader(0, 0))
     batches = [next(loader) for _ in range(accum_steps * (steps + 1))]
     steps_done, pairs, seconds = 0, 0, 0.0
     for step in range(steps + 1):  # the first step warms up and is not timed

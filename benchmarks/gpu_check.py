@@ -12,13 +12,13 @@ after every section and case, so a run cut short still leaves what finished:
 3. `model_step`: one LoRA training step on pre-made device tensors (no input pipeline), ViT-B/32
    shapes, at micro-batch 256 and 1024: pairs/s, FLOPs counted on a real step, MFU, peak memory;
    bf16 with cliptune's fast_lora swapped in (the library default), with PEFT's own modules, fp32.
-4. `trainer`: the real `cliptune.train.Trainer` on generated JPEGs: (a) micro-batch 8 x 4 exact,
+4. `trainer`: the real `cliptune.training.recipe.Trainer` on generated JPEGs: (a) micro-batch 8 x 4 exact,
    (b) 256 x 1, (c) 256 x 1 reading an image cache at the input size.
 5. `model_step_compile`: torch.compile of both towers, in a child process killed at its time cap.
 6. `totals`: seconds per section and overall; past the soft limit optional parts are skipped and listed.
 
 The model is a randomly initialised `CLIPModel(CLIPConfig())` (ViT-B/32's shapes) saved with
-`save_pretrained` and loaded through `cliptune.model.load_model`, with the packaged MiniLM tokenizer
+`save_pretrained` and loaded through `cliptune.models.contrastive.load_model`, with the packaged MiniLM tokenizer
 when installed, else a WordPiece tokenizer trained here on the generated captions: the GPU machine
 has neither the packaged towers nor webdataset/faiss, and `--cpu-smoke` blocks them to prove it.
 """
@@ -231,7 +231,7 @@ def build_tokenizer(captions: list[str]):
     import transformers
 
     try:
-        from cliptune.dual_encoder import packaged_minilm_path
+        from cliptune.models.dual_encoder import packaged_minilm_path
 
         path = packaged_minilm_path()
         return transformers.AutoTokenizer.from_pretrained(str(path)), f"packaged all-MiniLM-L6-v2 ({path})"
@@ -291,8 +291,8 @@ def load_lora_model(folder: Path, device, fast_path: bool = True):
     import torch
 
     from cliptune.config import LoraSettings, ModelConfig
-    from cliptune.lora import apply_lora
-    from cliptune.model import load_model
+    from cliptune.models.contrastive import load_model
+    from cliptune.models.lora import apply_lora
 
     torch.manual_seed(0)
     model, preprocessing = load_model(ModelConfig(name=str(folder)))
@@ -330,7 +330,7 @@ def step_inputs(batch: int, preprocessing, device) -> tuple[tuple, dict[str, Any
 
 
 def autocast_context(device, precision: str):
-    """What `cliptune.evaluate.autocast_context` does for the trainer: autocast for bf16/fp16, else nothing."""
+    """What `cliptune.evaluation.embedding.autocast_context` does for the trainer: autocast for bf16/fp16, else nothing."""
     import torch
 
     if precision in ("bf16", "fp16"):
@@ -339,7 +339,7 @@ def autocast_context(device, precision: str):
 
 
 def forward_loss(model, inputs, precision: str, device):
-    from cliptune.loss import clip_loss
+    from cliptune.training.loss import clip_loss
 
     pixels, input_ids, attention_mask, image_ids = inputs
     with autocast_context(device, precision):
@@ -410,7 +410,7 @@ def free_memory(device) -> None:
 @contextlib.contextmanager
 def count_lora_calls(counts: Counter):
     """Counts which LoRA forward really ran: cliptune's fused branch, PEFT's own, FastDropout's masks."""
-    import cliptune.fast_lora as fast_lora
+    import cliptune.models.fast_lora as fast_lora
 
     peft_linear = fast_lora._PeftLinear
     originals = (fast_lora.FusedLoraLinear.forward, peft_linear.forward, fast_lora.keep_mask)
@@ -438,7 +438,7 @@ def lora_path(model, inputs, precision: str, device) -> dict[str, Any]:
     """One forward (train mode, so dropout is live) under the case's precision, counting what ran."""
     import torch
 
-    import cliptune.fast_lora as fast_lora
+    import cliptune.models.fast_lora as fast_lora
 
     layers = [m for m in model.modules() if isinstance(m, fast_lora._PeftLinear)]
     dropouts = Counter(type(d).__name__ for m in layers for d in m.lora_dropout.values())
@@ -653,12 +653,12 @@ class GpuCheck:
     # -- 3. model step ----------------------------------------------------------------------------
 
     def model_step(self, entry: dict) -> None:
-        from cliptune.fast_lora import use_fast_lora
+        from cliptune.models.fast_lora import use_fast_lora
 
         folder = self.need_model()
         small, large = self.plan.step_batches
         entry["setup"] = {"lora": f"r=16 alpha=32 dropout=0.1 on {' '.join(LORA_TARGETS)} of both towers",
-                          "loss": "cliptune.loss.clip_loss", "optimizer": "AdamW(fused=True), clip_grad_norm 1.0",
+                          "loss": "cliptune.training.loss.clip_loss", "optimizer": "AdamW(fused=True), clip_grad_norm 1.0",
                           "inputs": "pre-made device tensors: normalised pixels, captions padded to the batch's longest",
                           "warmup_steps": self.plan.warmup_steps, "timed_steps": self.plan.timed_steps,
                           "rate": "batch / median step time (synchronised)",
@@ -674,7 +674,7 @@ class GpuCheck:
             for precision, fast, batch, optional in cases:
                 name = f"{precision}_{'fast' if fast else 'peft'}_lora_b{batch}"
                 case: dict[str, Any] = {"batch": batch, "precision": precision, "error": None,
-                                        "lora_impl": "cliptune.fast_lora (library default)" if fast else "PEFT modules"}
+                                        "lora_impl": "cliptune.models.fast_lora (library default)" if fast else "PEFT modules"}
                 entry["cases"][name] = case
                 reason = self.skip_reason(f"model_step.{name}") if optional else None
                 if reason:
@@ -765,10 +765,10 @@ class GpuCheck:
 
     def _trainer_case(self, name: str, folder: Path, jsonl: Path, micro: int, accum: int, steps: int,
                       cached: bool, case: dict) -> None:
-        from cliptune.cache import ImageCache, build_cache
         from cliptune.config import DataConfig, load_config
-        from cliptune.data import read_split
-        from cliptune.train import Trainer
+        from cliptune.data.cache import ImageCache, build_cache
+        from cliptune.data.readers import read_split
+        from cliptune.training.recipe import Trainer
 
         plan = self.plan
         workers = plan.workers
@@ -815,7 +815,7 @@ class GpuCheck:
         case["attn_implementation"] = getattr(trainer.model.base.config, "_attn_implementation", None)
         reset_peak(trainer.device)
         result = trainer.train()
-        rates = [r["pairs_per_second"] for r in map(json.loads, trainer.metrics_path.read_text().splitlines())
+        rates = [r["pairs_per_second"] for r in map(json.loads, trainer.run_log.path.read_text().splitlines())
                  if "pairs_per_second" in r]
         steady = rates[2:] if len(rates) > 4 else rates  # the first steps wait for workers and warm kernels
         case.update({"steps": result.steps, "train_seconds": round(result.train_seconds, 2),
@@ -827,7 +827,7 @@ class GpuCheck:
         if accum == 1:
             # The input pipeline alone, worker start included: can it feed the step above?
             started = time.perf_counter()
-            batches = iter(trainer._loader(0, 0))
+            batches = iter(trainer.data.loader(0, 0))
             pairs = sum(len(next(batches)["image_ids"]) for _ in range(min(steps, trainer.plan.steps_per_epoch)))
             case["loader_only_pairs_per_s_incl_worker_start"] = round(pairs / (time.perf_counter() - started), 1)
             del batches
@@ -840,7 +840,7 @@ class GpuCheck:
         plan = self.plan
         timeout = min(plan.compile_cap_s, plan.hard_limit_s - elapsed())
         entry.update({"backend": plan.compile_backend, "what": "nn.Module.compile(dynamic=False) of vision_model "
-                      "and text_model, bf16, cliptune.fast_lora default", "time_cap_s": round(timeout, 1),
+                      "and text_model, bf16, cliptune.models.fast_lora default", "time_cap_s": round(timeout, 1),
                       "compile_seconds_means": "first compiled step minus an eager step of the same batch",
                       "cases": {}})
         if timeout < 30:

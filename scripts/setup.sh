@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv with cliptune installed. `--dev` adds the test tools.
+# Creates .venv with cliptune and every extra installed (`[all]`: search, export, shards, report,
+# demo). `--dev` installs `[dev]`: all of that plus the test tools.
 #
 # torch comes first: on these machines `pip install torch==2.13.0` takes a CPU wheel already on disk;
 # without it pip would resolve `torch` to a multi-GB CUDA build. A Python that already has torch
@@ -7,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-extras=""
+extras="[all]"
 [ "${1:-}" = "--dev" ] && extras="[dev]"
 
 if [ ! -x .venv/bin/python ]; then

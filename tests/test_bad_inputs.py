@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cliptune.config import ConfigError, DataConfig, load_config
-from cliptune.data import DataError, ImageCaptions, read_split
-from cliptune.images import ImageError, open_rgb
+from cliptune.config import DEFAULT_MAX_IMAGE_PIXELS, ConfigError, DataConfig, load_config
+from cliptune.data.images import ImageError, open_rgb
+from cliptune.data.readers import DataError, ImageCaptions, read_split
 
-BIG = 100_000_000
+BIG = DEFAULT_MAX_IMAGE_PIXELS
 
 
 def _rgb(path: Path, size=(40, 20), colour=(200, 30, 30), **save) -> Path:
@@ -115,7 +115,7 @@ def _dataset_with_a_bad_image(tmp_path: Path) -> Path:
 
 
 def _setup_data(model_dir, data: Path, policy: str):
-    from cliptune.train import Trainer
+    from cliptune.training.recipe import Trainer
 
     config = load_config(None, {"model.name": str(model_dir), "data.path": str(data), "data.bad_images": policy,
                                 "train.device": "cpu", "train.report": False, "data.num_workers": 0,
@@ -128,13 +128,13 @@ def _setup_data(model_dir, data: Path, policy: str):
 
 def test_bad_image_skip_policy_counts_and_lists(tiny_clip_dir, tmp_path):
     trainer = _setup_data(tiny_clip_dir, _dataset_with_a_bad_image(tmp_path), "skip")
-    assert len(trainer.bad_images) == 1 and trainer.bad_images[0][0].endswith("001.png")
-    assert "001.png" not in {r.image_path.name for r in trainer.train_records}
+    assert len(trainer.data.bad_images) == 1 and trainer.data.bad_images[0][0].endswith("001.png")
+    assert "001.png" not in {r.image_path.name for r in trainer.data.records}
     assert trainer.plan.train_images == 5  # 6 train images, one bad
 
 
 def test_bad_image_fail_policy_names_the_file(tiny_clip_dir, tmp_path):
-    from cliptune.train import TrainingError
+    from cliptune.training.recipe import TrainingError
 
     with pytest.raises(TrainingError, match=r"(?s)1 unreadable training image.*001.png") as err:
         _setup_data(tiny_clip_dir, _dataset_with_a_bad_image(tmp_path), "fail")
@@ -162,8 +162,8 @@ def test_empty_and_whitespace_captions_are_dropped_and_counted(tmp_path):
 
 def test_long_caption_is_truncated_keeping_the_end_token(tiny_clip_dir):
     from cliptune.config import ModelConfig
-    from cliptune.model import load_model
-    from cliptune.pipeline import tokenize_captions
+    from cliptune.data.batches import tokenize_captions
+    from cliptune.models.contrastive import load_model
 
     _, pre = load_model(ModelConfig(name=str(tiny_clip_dir)))
     record = ImageCaptions("x", Path("x.jpg"), ("dog " * 200, "a short one"))
@@ -225,7 +225,7 @@ def test_impossible_values_name_the_field(field, value):
 
 
 def test_cli_rejects_an_unknown_key_with_exit_code_2():
-    proc = subprocess.run([sys.executable, "-m", "cliptune.cli", "train", "--train.lrr", "1"],
+    proc = subprocess.run([sys.executable, "-m", "cliptune", "train", "--train.lrr", "1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "did you mean 'train.lr'" in proc.stderr
@@ -233,16 +233,35 @@ def test_cli_rejects_an_unknown_key_with_exit_code_2():
 
 def test_model_folder_that_does_not_exist(tmp_path):
     from cliptune.config import ModelConfig
-    from cliptune.model import ModelLoadError, load_model
+    from cliptune.models.contrastive import ModelLoadError, load_model
 
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model(ModelConfig(name=str(tmp_path / "no-such-model")))
 
 
+def test_unsupported_model_type_points_to_a_command_that_exists(tmp_path, capsys):
+    import re
+
+    import transformers
+
+    from cliptune.apps.cli import main
+    from cliptune.config import ModelConfig
+    from cliptune.models.contrastive import ModelLoadError, load_model
+
+    transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="'bert' model; supported: clip, siglip") as caught:
+        load_model(ModelConfig(name=str(tmp_path)))
+    named = re.findall(r"`cliptune (\w+)", str(caught.value))
+    assert named, caught.value
+    for command in named:  # each one a subcommand the CLI has, not a suggestion that fails
+        assert main([command, "--help"]) == 0, f"`cliptune {command}` named in: {caught.value}"
+    capsys.readouterr()
+
+
 def _adapter_from(model_dir: Path, out: Path) -> Path:
     from cliptune.config import LoraSettings, ModelConfig
-    from cliptune.lora import apply_lora, save_adapter
-    from cliptune.model import load_model
+    from cliptune.models.contrastive import load_model
+    from cliptune.models.lora import apply_lora, save_adapter
 
     model, _ = load_model(ModelConfig(name=str(model_dir)))
     apply_lora(model, LoraSettings(r=2))
@@ -250,39 +269,23 @@ def _adapter_from(model_dir: Path, out: Path) -> Path:
     return out
 
 
-def test_adapter_for_a_different_width_model_is_refused(tiny_clip_dir, tokenizer, tmp_path):
+@pytest.mark.parametrize("field, value", [pytest.param("hidden_size", 48, id="different_width"),
+                                          pytest.param("num_hidden_layers", 3, id="other_layers")])
+def test_adapter_for_another_shape_of_model_is_refused(tiny_clip_dir, tokenizer, tmp_path, field, value):
     import transformers
     from conftest import tiny_clip_config
 
     from cliptune.config import ModelConfig
-    from cliptune.lora import load_adapter
-    from cliptune.model import load_model
+    from cliptune.models.contrastive import load_model
+    from cliptune.models.lora import load_adapter
 
     config = tiny_clip_config(tokenizer)
-    config.vision_config.hidden_size = config.text_config.hidden_size = 48
-    wide_dir = tmp_path / "wide"
-    transformers.CLIPModel(config).save_pretrained(wide_dir)
-    tokenizer.save_pretrained(wide_dir)
-    adapter = _adapter_from(wide_dir, tmp_path / "wide-adapter")
-    clip, _ = load_model(ModelConfig(name=str(tiny_clip_dir)))
-    with pytest.raises(ConfigError, match="does not fit this base model"):
-        load_adapter(clip, adapter)
-
-
-def test_adapter_with_other_layers_is_refused(tiny_clip_dir, tokenizer, tmp_path):
-    import transformers
-    from conftest import tiny_clip_config
-
-    from cliptune.config import ModelConfig
-    from cliptune.lora import load_adapter
-    from cliptune.model import load_model
-
-    config = tiny_clip_config(tokenizer)
-    config.vision_config.num_hidden_layers = config.text_config.num_hidden_layers = 3
-    deep_dir = tmp_path / "deep"
-    transformers.CLIPModel(config).save_pretrained(deep_dir)
-    tokenizer.save_pretrained(deep_dir)
-    adapter = _adapter_from(deep_dir, tmp_path / "deep-adapter")
+    setattr(config.vision_config, field, value)
+    setattr(config.text_config, field, value)
+    other_dir = tmp_path / "other"
+    transformers.CLIPModel(config).save_pretrained(other_dir)
+    tokenizer.save_pretrained(other_dir)
+    adapter = _adapter_from(other_dir, tmp_path / "other-adapter")
     clip, _ = load_model(ModelConfig(name=str(tiny_clip_dir)))
     with pytest.raises(ConfigError, match="does not fit this base model"):
         load_adapter(clip, adapter)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cliptune.cli import main
+from cliptune.apps.cli import main
 
 EXPECTED = {"device", "input_images_per_s", "speedup_cache_read_vs_decode", "speedup_cache_transform_vs_decode",
             "train_step_model_only_pairs_per_s", "speedup_train_model_only", "fast_path_precision",
@@ -27,7 +27,7 @@ def test_bench_short_prints_json(tiny_clip_dir, coco_mini, capsys):
 
 def test_bench_needs_its_data_named(tiny_clip_dir, capsys):
     """No folder outside the package is picked by default: an installed cliptune has no ../shared."""
-    from cliptune.bench import BenchOptions, run_bench
+    from cliptune.apps.bench import BenchOptions, run_bench
     from cliptune.config import UsageError
 
     assert main(["bench", "--short", "--model.name", str(tiny_clip_dir), "--train.device", "cpu"]) == 2

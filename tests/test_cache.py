@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from conftest import make_image_folder_dataset
 
-from cliptune.cache import DONE_FILE, IMAGES_FILE, CacheError, ImageCache, build_cache
 from cliptune.config import DataConfig, load_config
-from cliptune.data import read_split
-from cliptune.images import ImageError, open_rgb, resize_center_crop
+from cliptune.data.cache import DONE_FILE, IMAGES_FILE, CacheError, ImageCache, build_cache
+from cliptune.data.images import ImageError, open_rgb, resize_center_crop
+from cliptune.data.readers import read_split
 
 SIZE = 40
 
@@ -84,7 +84,7 @@ def test_picklable_for_dataloader_workers(dataset, tmp_path):
 
 
 def test_trainer_reads_the_cache(dataset, tmp_path, tiny_clip_dir, monkeypatch):
-    from cliptune.train import Trainer
+    from cliptune.training.recipe import Trainer
 
     jsonl, records, _ = dataset
     build_cache(records, tmp_path / "cache", 36, workers=1, progress=False)
@@ -105,7 +105,7 @@ def test_trainer_reads_the_cache(dataset, tmp_path, tiny_clip_dir, monkeypatch):
 
 
 def test_cli_data_cache_caches_every_split(dataset, tmp_path, capsys):
-    from cliptune.cli import main
+    from cliptune.apps.cli import main
 
     jsonl, _, _ = dataset
     out = tmp_path / "cli-cache"

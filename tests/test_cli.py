@@ -16,7 +16,7 @@ import torch
 from conftest import make_image_folder_dataset
 from PIL import Image
 
-from cliptune.cli import build_parser, main
+from cliptune.apps.cli import build_parser, main
 from cliptune.config import ConfigError, load_config
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
@@ -32,7 +32,8 @@ def _photos(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def indexed(tmp_path_factory, tiny_clip_dir) -> tuple[Path, Path]:
     """(photo folder, index folder) built with the tiny CLIP through PyTorch."""
-    from cliptune.search import Index, TorchEmbedder
+    from cliptune.deploy.embedders import TorchEmbedder
+    from cliptune.deploy.index import Index
 
     root = tmp_path_factory.mktemp("cli-index")
     photos = _photos(root / "photos")
@@ -123,7 +124,7 @@ def test_one_name_per_concept_in_every_subcommand():
 
 @pytest.mark.parametrize("k", [0, -3])
 def test_search_k_below_1_is_a_one_line_error(indexed, k, capsys):
-    from cliptune.search import Index
+    from cliptune.deploy.index import Index
 
     _, index = indexed
     with pytest.raises(ValueError, match=rf"k: {k} must be an integer >= 1"):
@@ -134,7 +135,7 @@ def test_search_k_below_1_is_a_one_line_error(indexed, k, capsys):
 
 
 def test_search_refuses_an_image_path_that_does_not_exist(indexed, tmp_path, capsys):
-    from cliptune.search import Index
+    from cliptune.deploy.index import Index
 
     photos, index = indexed
     missing = photos / "holiday" / "rde.png"
@@ -151,7 +152,7 @@ def test_search_refuses_an_image_path_that_does_not_exist(indexed, tmp_path, cap
 
 @pytest.mark.parametrize("query", ["", "   ", "\t\n"])
 def test_search_refuses_an_empty_query(indexed, query, capsys):
-    from cliptune.search import Index
+    from cliptune.deploy.index import Index
 
     _, index = indexed
     with pytest.raises(ValueError, match="query is empty"):
@@ -161,7 +162,8 @@ def test_search_refuses_an_empty_query(indexed, query, capsys):
 
 
 def test_index_on_a_missing_folder_is_refused_and_leaves_nothing(tiny_clip_dir, tmp_path, capsys):
-    from cliptune.search import Index, TorchEmbedder
+    from cliptune.deploy.embedders import TorchEmbedder
+    from cliptune.deploy.index import Index
 
     out = tmp_path / "idx"
     assert main(["index", str(tmp_path / "no-photos"), "--out", str(out), "--model.name", str(tiny_clip_dir)]) == 2
@@ -186,7 +188,7 @@ def _squeezed(text: str) -> str:
 
 
 def test_train_help_lists_every_config_key_with_its_default_and_doc(capsys):
-    from cliptune.config import config_keys
+    from cliptune.config_flags import config_keys
 
     assert main(["train", "--help"]) == 0
     shown = _squeezed(capsys.readouterr().out)
@@ -250,7 +252,7 @@ def test_a_cuda_index_beyond_the_machines_gpus_is_refused(monkeypatch):
 
 
 def test_train_on_cpu_runs_on_the_cpu(tiny_clip_dir):
-    from cliptune.train import Trainer
+    from cliptune.training.recipe import Trainer
 
     trainer = Trainer(load_config(None, {"model.name": str(tiny_clip_dir), "train.device": "cpu"}), progress=False)
     trainer.setup_model()
@@ -259,10 +261,10 @@ def test_train_on_cpu_runs_on_the_cpu(tiny_clip_dir):
 
 
 def test_eval_index_and_bench_resolve_the_device_the_same_way(tiny_clip_dir, tmp_path, monkeypatch):
-    from cliptune.bench import BenchOptions, run_bench
-    from cliptune.compare import EvalRequest, compare_variants
+    from cliptune.apps.bench import BenchOptions, run_bench
     from cliptune.config import DataConfig, ModelConfig
-    from cliptune.search import TorchEmbedder
+    from cliptune.deploy.embedders import TorchEmbedder
+    from cliptune.evaluation.compare import EvalRequest, compare_variants
 
     _machine_without_gpus(monkeypatch)
     data = make_image_folder_dataset(tmp_path / "data", n_images=8)
@@ -306,7 +308,7 @@ def test_export_index_and_search_print_no_library_info_lines(tiny_clip_dir, tmp_
                 ["search", str(tmp_path / "idx"), "a red photo", "-k", "2"]]
     script = textwrap.dedent(f"""
         import sys
-        from cliptune.cli import main
+        from cliptune.apps.cli import main
         for argv in {commands!r}:
             code = main(argv)
             if code:

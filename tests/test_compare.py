@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import make_image_folder_dataset
 
-from cliptune.cli import main
-from cliptune.compare import AdapterSpec, EvalRequest, default_label, parse_adapter_spec
+from cliptune.apps.cli import main
 from cliptune.config import ConfigError, DataConfig, LoraSettings, ModelConfig
-from cliptune.lora import apply_lora, save_adapter
-from cliptune.model import load_model
+from cliptune.evaluation.compare import AdapterSpec, EvalRequest, default_label, parse_adapter_spec
+from cliptune.models.contrastive import load_model
+from cliptune.models.lora import apply_lora, save_adapter
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def test_two_runs_get_two_labelled_columns(tiny_clip_dir, colour_data, tmp_path,
 
 
 def test_missing_adapter_is_refused_before_any_scoring(tiny_clip_dir, colour_data, tmp_path, monkeypatch):
-    import cliptune.compare as compare
+    import cliptune.evaluation.compare as compare
 
     def no_scoring(*args, **kwargs):
         raise AssertionError("scored the zero-shot model before checking the adapters")
@@ -137,7 +137,7 @@ def test_all_unreadable_eval_set_is_a_clear_error(tiny_clip_dir, colour_data, ca
 
 def test_train_check_prints_skips_and_the_report_lists_a_shared_file_once(tiny_clip_dir, tmp_path, capsys):
     from cliptune.config import load_config
-    from cliptune.train import Trainer
+    from cliptune.training.recipe import Trainer
 
     data = make_image_folder_dataset(tmp_path / "data", n_images=12)
     records = [json.loads(line) for line in data.read_text().splitlines()]

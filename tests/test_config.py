@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from cliptune.cli import main
-from cliptune.config import ConfigError, load_config, parse_overrides, save_config
+from cliptune.apps.cli import main
+from cliptune.config import ConfigError, load_config, save_config
+from cliptune.config_flags import parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 

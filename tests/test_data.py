@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from cliptune.apps.download import lay_out_flickr30k
 from cliptune.config import DataConfig
-from cliptune.data import DataError, detect_format, flatten_captions, read_split
-from cliptune.download import lay_out_flickr30k
+from cliptune.data.readers import DataError, detect_format, flatten_captions, read_split
 
 IMAGES = [("a.jpg", ["a dog runs", "a brown dog"]), ("b.jpg", ["two cats", "cats sleeping", "a pair of cats"]),
           ("c.jpg", ["a red bus"])]
@@ -143,7 +143,7 @@ def test_flickr30k_layout_reports_missing_images(tmp_path):
 def test_cli_download_fetches_both_files_from_the_hub_dataset(tmp_path, monkeypatch, capsys):
     import huggingface_hub
 
-    from cliptune.cli import main
+    from cliptune.apps.cli import main
 
     rows = [("1.jpg", "train"), ("2.jpg", "val"), ("3.jpg", "test")]
     csv_path = _flickr_csv(tmp_path / "flickr_annotations_30k.csv", rows)

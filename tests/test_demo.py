@@ -2,7 +2,7 @@
 
 import torch
 
-from cliptune.cli import main
+from cliptune.apps.cli import main
 
 
 def test_fine_tuned_heads_beat_the_untrained_model_on_coco_mini_val(coco_mini_finetuned):
@@ -30,7 +30,7 @@ def test_demo_base_model_is_the_same_every_time(tmp_path):
     """The composed heads start random; the demo seeds them so its numbers reproduce run to run."""
     from safetensors.torch import load_file
 
-    from cliptune.demo import prepare_base_model
+    from cliptune.apps.demo import prepare_base_model
 
     torch.manual_seed(123)
     first = load_file(prepare_base_model(tmp_path / "a") / "model.safetensors")

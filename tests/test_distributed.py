@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from cliptune.config import load_config
-from cliptune.train import Trainer
+from cliptune.training.recipe import Trainer
 
 TEXTS = ["a red circle", "a blue square", "a photo of a dog", "red square",
          "a blue dog", "a circle photo", "dog of a photo", "square circle"]
@@ -162,15 +162,13 @@ def make_eval_dataset(root) -> str:
 
 
 def evaluation(model_dir: str, data_path: str) -> tuple[dict, object]:
-    from cliptune.data import read_split
+    from cliptune.data.readers import read_split
 
     config = load_config(None, {"model.name": model_dir, "train.device": "cpu", "lora.r": 4,
                                 "data.path": data_path, "train.eval_batch_size": 2})
     trainer = Trainer(config, progress=False)
     trainer.setup_model()
-    trainer.image_source = None
-    trainer.val_records, _ = read_split(config.data, "val")
-    return trainer.evaluate()
+    return trainer.evaluate(read_split(config.data, "val")[0])
 
 
 def _eval_worker(rank: int, world: int, port: int, model_dir: str, data_path: str, out: str) -> None:
@@ -208,21 +206,22 @@ def _uneven_features():
 
 
 def _uneven_worker(rank: int, world: int, port: int, out: str) -> None:
-    from cliptune.loss import clip_loss, gather_ids, gather_with_grad
+    from cliptune.distributed import gather_rows, gather_with_grad
+    from cliptune.training.loss import clip_loss
 
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     image, text, ids = _uneven_features()
     rows = slice(0, 3) if rank == 0 else slice(3, 7)  # 3 rows on rank 0, 4 on rank 1
     local_image, local_text = image[rows].clone().requires_grad_(True), text[rows].clone().requires_grad_(True)
     loss = clip_loss(gather_with_grad(local_image), gather_with_grad(local_text), torch.tensor(10.0),
-                     gather_ids(ids[rows]))
+                     gather_rows(ids[rows]))
     loss.backward()
     torch.save({"loss": loss.detach(), "image_grad": local_image.grad, "text_grad": local_text.grad}, f"{out}.{rank}")
     torch.distributed.destroy_process_group()
 
 
 def test_gather_with_grad_handles_ranks_with_different_row_counts(tmp_path):
-    from cliptune.loss import clip_loss
+    from cliptune.training.loss import clip_loss
 
     out = str(tmp_path / "uneven.pt")
     mp.spawn(_uneven_worker, args=(2, _free_port(), out), nprocs=2, join=True)

@@ -58,12 +58,12 @@ EXEMPT: dict[str, str] = {
         "creates .venv with pip (network, minutes) and trains the packaged towers for 4 minutes; "
         "tests/test_demo.py runs `cliptune demo --quick`",
     "bash scripts/test.sh": "runs this test suite (and scripts/setup.sh --dev): it would run itself",
-    "accelerate launch --num_processes 8 -m cliptune.cli train --config configs/flickr30k_vitb32_lora.yaml": _EIGHT_GPUS,
-    "torchrun --nproc_per_node 8 -m cliptune.cli train --config configs/flickr30k_vitb32_lora.yaml": _EIGHT_GPUS,
-    "torchrun --nnodes 2 --node_rank 0 --master_addr 10.0.0.1 --master_port 29500 --nproc_per_node 8 -m cliptune.cli "
+    "accelerate launch --num_processes 8 -m cliptune train --config configs/flickr30k_vitb32_lora.yaml": _EIGHT_GPUS,
+    "torchrun --nproc_per_node 8 -m cliptune train --config configs/flickr30k_vitb32_lora.yaml": _EIGHT_GPUS,
+    "torchrun --nnodes 2 --node_rank 0 --master_addr 10.0.0.1 --master_port 29500 --nproc_per_node 8 -m cliptune "
     "train --config configs/flickr30k_vitb32_lora.yaml": _TWO_MACHINES,
     "accelerate launch --num_machines 2 --machine_rank 0 --main_process_ip 10.0.0.1 --main_process_port 29500 "
-    "--num_processes 16 -m cliptune.cli train --config configs/flickr30k_vitb32_lora.yaml": _TWO_MACHINES,
+    "--num_processes 16 -m cliptune train --config configs/flickr30k_vitb32_lora.yaml": _TWO_MACHINES,
     "cliptune bench --data.path ../shared/data/coco-mini --steps 10": _VIT_B32,
     "cliptune bench --data.path ../shared/data/coco-mini --short": _VIT_B32,
     "cliptune bench --data.path ../shared/data/coco-mini --sweep": _VIT_B32 + "; torch.compile alone took 312 s",
@@ -161,7 +161,7 @@ def test_every_exemption_is_still_in_a_doc():
 
 
 def test_a_command_neither_runnable_nor_exempt_fails():
-    unknown = DocCommand("docs/x.md", 0, 3, ("torchrun", "--nproc_per_node", "4", "-m", "cliptune.cli", "train"))
+    unknown = DocCommand("docs/x.md", 0, 3, ("torchrun", "--nproc_per_node", "4", "-m", "cliptune", "train"))
     assert unknown.text not in EXEMPT
     with pytest.raises(pytest.fail.Exception, match=r"docs/x.md:3: torchrun .*add it to EXEMPT with the reason"):
         _run(unknown)
@@ -213,7 +213,7 @@ def _tiny_dual(out: Path, tokenizer) -> Path:
     import torch
     import transformers
 
-    from cliptune.dual_encoder import DualEncoderConfig, DualEncoderModel, save_composed
+    from cliptune.models.dual_encoder import DualEncoderConfig, DualEncoderModel, save_composed
 
     torch.manual_seed(0)
     text = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
@@ -240,7 +240,7 @@ def _template(root: Path, tokenizer) -> None:
 
 def _trained_run(output_dir: str) -> None:
     """docs/deploy.md's `runs/x`: a LoRA run on BASE with its adapter/, config.yaml and metrics.json."""
-    from cliptune.cli import main
+    from cliptune.apps.cli import main
 
     assert main(["train", "--model.name", "BASE", "--data.path", "data/coco/captions_{split}.json",
                  "--data.num_workers", "0", "--lora.r", "4", "--train.epochs", "1", "--train.micro_batch_size", "4",
@@ -337,7 +337,7 @@ def loopback_only(monkeypatch):
 
 
 def _run(command: DocCommand) -> None:
-    from cliptune.cli import main
+    from cliptune.apps.cli import main
 
     # What the shell does before the program sees its arguments: `~/x` is $HOME/x.
     argv = [os.path.expanduser(word) if word.startswith("~") else word for word in command.argv]

@@ -1,4 +1,4 @@
-"""Tests for cliptune.dual_encoder.
+"""Tests for cliptune.models.dual_encoder and its EfficientNet-Lite0 tower (cliptune.models.efficientnet_lite).
 
 Most tests use tiny towers (a 2-layer, 32-wide ViT and BERT) saved with `save_pretrained` and composed
 through the same path a hub id takes. Tests marked `real_weights` load the packaged EfficientNet-Lite0
@@ -19,17 +19,19 @@ import torch
 from PIL import Image
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizer, ViTConfig, ViTModel
 
-from cliptune.dual_encoder import (
-    EFFICIENTNET_LITE_MEAN,
-    EFFICIENTNET_LITE_STD,
+from cliptune.models.dual_encoder import (
     DualEncoderConfig,
     DualEncoderModel,
-    EfficientNetLite0,
     compose_dual_encoder,
-    load_efficientnet_lite0,
-    packaged_efficientnet_lite0_weights,
     packaged_minilm_path,
     save_composed,
+)
+from cliptune.models.efficientnet_lite import (
+    EFFICIENTNET_LITE_MEAN,
+    EFFICIENTNET_LITE_STD,
+    EfficientNetLite0,
+    load_efficientnet_lite0,
+    packaged_efficientnet_lite0_weights,
 )
 
 COCO_MINI = Path(os.environ.get("CLIPTUNE_COCO_MINI", "/work/shared/data/coco-mini"))
@@ -68,36 +70,21 @@ def lora_regex(targets: dict[str, list[str]]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+TINY_TOWER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+
+
 @pytest.fixture(scope="module")
 def tiny_towers(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("towers")
     torch.manual_seed(0)
-    vit = ViTModel(
-        ViTConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            image_size=32,
-            patch_size=8,
-        )
-    )
+    vit = ViTModel(ViTConfig(**TINY_TOWER, image_size=32, patch_size=8))
     vit.save_pretrained(root / "vit")
     (root / "vit" / "preprocessor_config.json").write_text(
         json.dumps(
             {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "size": {"height": 32, "width": 32}}
         )
     )
-    bert = BertModel(
-        BertConfig(
-            vocab_size=len(VOCAB),
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=64,
-        )
-    )
+    bert = BertModel(BertConfig(**TINY_TOWER, vocab_size=len(VOCAB), max_position_embeddings=64))
     bert.save_pretrained(root / "bert")
     BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)}).save_pretrained(root / "bert")
     return root / "vit", root / "bert"
@@ -254,13 +241,7 @@ def _clone(model: DualEncoderModel) -> DualEncoderModel:
 def test_peft_lora_on_efficientnet_tower():
     # Random weights suffice: this checks which layers peft adapts and that gradients reach them.
     peft = pytest.importorskip("peft")
-    text_config = BertConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-    ).to_dict()
+    text_config = BertConfig(**TINY_TOWER, vocab_size=len(VOCAB)).to_dict()
     torch.manual_seed(0)
     model = DualEncoderModel(
         DualEncoderConfig(
@@ -415,18 +396,12 @@ def test_packaged_round_trip(packaged_composed, tmp_path):
         )
 
 
-def test_train_mode_keeps_batchnorm_statistics():
-    text_config = BertConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-    ).to_dict()
-    for freeze in (True, False):
-        config = DualEncoderConfig(text_config=text_config, projection_dim=8, freeze_batchnorm=freeze)
-        model = DualEncoderModel(config).train()
-        before = model.vision_model.stem_bn.running_mean.clone()
-        model.get_image_features(torch.randn(2, 3, 64, 64) + 3.0)
-        assert torch.equal(model.vision_model.stem_bn.running_mean, before) == freeze
-        assert model.text_model.training and model.training
+@pytest.mark.parametrize("freeze", [True, False])
+def test_train_mode_keeps_batchnorm_statistics(freeze):
+    text_config = BertConfig(**{**TINY_TOWER, "num_hidden_layers": 1}, vocab_size=len(VOCAB)).to_dict()
+    config = DualEncoderConfig(text_config=text_config, projection_dim=8, freeze_batchnorm=freeze)
+    model = DualEncoderModel(config).train()
+    before = model.vision_model.stem_bn.running_mean.clone()
+    model.get_image_features(torch.randn(2, 3, 64, 64) + 3.0)
+    assert torch.equal(model.vision_model.stem_bn.running_mean, before) == freeze
+    assert model.text_model.training and model.training

@@ -20,8 +20,8 @@ from conftest import save_tiny_clip, save_tiny_siglip
 from PIL import Image
 from test_metrics import clip_benchmark_recalls
 
-from cliptune.cli import main
-from cliptune.metrics import RECALL_KEYS
+from cliptune.apps.cli import main
+from cliptune.evaluation.metrics import RECALL_KEYS
 
 
 @torch.no_grad()

@@ -12,14 +12,14 @@ import transformers
 from PIL import Image
 
 from cliptune.config import LoraSettings, ModelConfig
-from cliptune.export import export_model, load_merged_model, measure_quantization
-from cliptune.lora import apply_lora, save_adapter
-from cliptune.model import load_model
-from cliptune.search import OnnxEmbedder, TorchEmbedder
+from cliptune.deploy.embedders import OnnxEmbedder, TorchEmbedder
+from cliptune.deploy.export import export_model, measure_quantization
+from cliptune.models.contrastive import load_model
+from cliptune.models.lora import apply_lora, load_merged_model, save_adapter
 
 
 def save_tiny_dual(out: Path, tok) -> Path:
-    from cliptune.dual_encoder import DualEncoderConfig, DualEncoderModel, save_composed
+    from cliptune.models.dual_encoder import DualEncoderConfig, DualEncoderModel, save_composed
 
     torch.manual_seed(0)
     text = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
@@ -65,7 +65,7 @@ def test_merged_model_matches_base_plus_adapter_in_plain_transformers(family, ba
     base = str(bases[family])
     adapter = save_random_adapter(base, tmp_path / "adapter")
     reference, preprocessing = load_merged_model(base, None)
-    from cliptune.lora import load_adapter
+    from cliptune.models.lora import load_adapter
 
     load_adapter(reference, adapter)  # unmerged PeftModel
     pixels, ids, mask = _inputs(preprocessing)
@@ -79,7 +79,7 @@ def test_merged_model_matches_base_plus_adapter_in_plain_transformers(family, ba
 
     export_model(base, tmp_path / "merged", adapter=adapter)
     if family == "dual":
-        import cliptune.dual_encoder  # noqa: F401  registers the model type with AutoModel
+        import cliptune.models.dual_encoder  # noqa: F401  registers the model type with AutoModel
     model_class = {"clip": transformers.CLIPModel, "siglip": transformers.SiglipModel,
                    "dual": transformers.AutoModel}[family]
     merged = model_class.from_pretrained(str(tmp_path / "merged")).eval()
@@ -159,7 +159,7 @@ def test_model_card_front_matter_lora_and_metrics(onnx_export):
 def _distinct_photos(root: Path, n: int = 12) -> list:
     """Records whose images all differ after resizing (flat colours tie exactly, and R@1 then
     depends on how ties break), each with two different captions."""
-    from cliptune.data import ImageCaptions
+    from cliptune.data.readers import ImageCaptions
 
     rng = np.random.default_rng(0)
     words = "dog cat red blue car tree sea house sky green bird boat".split()
@@ -202,7 +202,7 @@ def test_measure_quantization(onnx_export, tmp_path):
 
 
 def test_export_cli(tiny_clip_dir, tmp_path, capsys):
-    from cliptune.cli import main
+    from cliptune.apps.cli import main
 
     adapter = save_random_adapter(str(tiny_clip_dir), tmp_path / "adapter")
     assert main(["export", "--model.name", str(tiny_clip_dir), "--adapter", str(adapter), "--out", str(tmp_path / "out"),
@@ -213,7 +213,7 @@ def test_export_cli(tiny_clip_dir, tmp_path, capsys):
 
 
 def _card(tmp_path: Path, base: str, family: str, run_config: str | None, metrics: dict | None) -> str:
-    from cliptune.export import write_model_card
+    from cliptune.deploy.export import write_model_card
 
     adapter = tmp_path / "runs" / "r1" / "adapter"
     adapter.mkdir(parents=True)

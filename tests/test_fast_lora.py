@@ -1,4 +1,4 @@
-"""cliptune.fast_lora: FastDropout is inverted dropout (rate, expectation, replay); FusedLoraLinear computes
+"""cliptune.models.fast_lora: FastDropout is inverted dropout (rate, expectation, replay); FusedLoraLinear computes
 PEFT's LoRA forward and gradients; both swap in and out of a PEFT model."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from cliptune.fast_lora import (
+from cliptune.models.fast_lora import (
     FastDropout,
     FusedLoraLinear,
     keep_mask,
@@ -68,8 +68,8 @@ def test_same_rng_state_same_mask_and_gradient_is_the_mask():
 
 def _lora_model(model_dir, dropout: float = 0.1, **overrides):
     from cliptune.config import load_config
-    from cliptune.lora import apply_lora
-    from cliptune.model import load_model
+    from cliptune.models.contrastive import load_model
+    from cliptune.models.lora import apply_lora
 
     config = load_config(None, {"model.name": str(model_dir), "lora.dropout": dropout, **overrides})
     model, preprocessing = load_model(config.model)

@@ -4,7 +4,8 @@ import torch
 import transformers
 
 from cliptune.config import ConfigError, LoraSettings, ModelConfig
-from cliptune.lora import (
+from cliptune.models.contrastive import RANDOM_VIT_B_32, ContrastiveModel, load_model
+from cliptune.models.lora import (
     apply_lora,
     count_parameters,
     load_adapter,
@@ -12,7 +13,6 @@ from cliptune.lora import (
     save_adapter,
     set_adapter_scale,
 )
-from cliptune.model import RANDOM_VIT_B_32, ContrastiveModel, load_model
 
 
 def _batch(preprocessing, n=3, size=32):
@@ -56,7 +56,7 @@ def test_lora_model_equals_base_before_training(family_dir, request):
 def test_only_lora_and_optionally_the_temperature_get_gradients(tiny_clip_dir, train_scale):
     model, preprocessing = load_model(ModelConfig(name=str(tiny_clip_dir)))
     apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0, train_logit_scale=train_scale))
-    from cliptune.loss import clip_loss
+    from cliptune.training.loss import clip_loss
 
     pixels, ids, mask = _batch(preprocessing)
     image, text = model(pixels, ids, mask)
@@ -208,7 +208,7 @@ RUN_KINDS = {
 
 def _save_tiny_dual(out, tokenizer):
     """A composed dual encoder (2-layer, 32-wide ViT + BERT, fresh 16-d heads), saved as a model folder."""
-    from cliptune.dual_encoder import compose_dual_encoder, save_composed
+    from cliptune.models.dual_encoder import compose_dual_encoder, save_composed
 
     torch.manual_seed(0)
     vit = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -238,7 +238,7 @@ def trained_runs(tmp_path_factory, tiny_clip_dir, tokenizer):
     from conftest import make_image_folder_dataset
 
     from cliptune.config import load_config
-    from cliptune.train import Trainer
+    from cliptune.training.recipe import Trainer
 
     root = tmp_path_factory.mktemp("runs")
     data = make_image_folder_dataset(root / "data", n_images=12)
@@ -295,7 +295,7 @@ def test_every_run_adapter_loads_with_plain_peft(trained_runs, kind):
     model_dir, adapter, trained, _ = trained_runs[kind]
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     # Plain transformers + plain PEFT, no cliptune code (the composed model type needs registering).
-    import cliptune.dual_encoder  # noqa: F401
+    import cliptune.models.dual_encoder  # noqa: F401
 
     base_class = transformers.AutoModel if kind.startswith("dual") else transformers.CLIPModel
     plain = peft.PeftModel.from_pretrained(base_class.from_pretrained(str(model_dir)), str(adapter)).eval()
@@ -313,7 +313,7 @@ def test_every_run_adapter_loads_with_plain_peft(trained_runs, kind):
 def test_adapter_written_before_heads_were_peft_still_loads_and_scales(trained_runs, tmp_path):
     from safetensors.torch import save_file
 
-    from cliptune.lora import SCALE_FILE
+    from cliptune.models.lora import SCALE_FILE
 
     model_dir, adapter, trained, logit_scale = trained_runs["heads"]
     fine, _ = load_model(ModelConfig(name=str(model_dir)))

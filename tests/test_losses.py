@@ -1,4 +1,4 @@
-"""cliptune.loss against independent references written from the papers' formulas."""
+"""cliptune.training.loss against independent references written from the papers' formulas."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cliptune.loss import clip_loss, gather_ids, gather_with_grad, siglip_loss
+from cliptune.distributed import gather_rows, gather_with_grad
+from cliptune.training.loss import clip_loss, siglip_loss
 
 
 def _features(n: int = 5, d: int = 8, seed: int = 0):
@@ -82,12 +83,12 @@ def test_gather_is_identity_without_a_process_group():
     x = torch.randn(3, 4, requires_grad=True)
     assert gather_with_grad(x) is x
     ids = torch.arange(3)
-    assert gather_ids(ids) is ids
+    assert gather_rows(ids) is ids
 
 
 def _shared_weight_loss(x_image, x_text, ids, weight):
     return clip_loss(gather_with_grad(x_image @ weight), gather_with_grad(x_text @ weight), torch.tensor(5.0),
-                     gather_ids(ids))
+                     gather_rows(ids))
 
 
 def _gather_worker(rank: int, world: int, port: int, out: str) -> None:

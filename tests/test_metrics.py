@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cliptune.metrics import METRIC_KEYS, RECALL_KEYS, retrieval_metrics
+from cliptune.evaluation.metrics import METRIC_KEYS, RECALL_KEYS, retrieval_metrics
 
 
 # --- CLIP_benchmark reference (copied, credit above) -------------------------------------------

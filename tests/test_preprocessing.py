@@ -21,10 +21,10 @@ import transformers
 from conftest import save_tiny_clip, save_tiny_siglip
 from PIL import Image
 
-from cliptune import search
-from cliptune.cache import INDEX_FILE, ImageCache, build_cache
 from cliptune.config import ModelConfig
-from cliptune.images import (
+from cliptune.data.batches import decode_pixels
+from cliptune.data.cache import INDEX_FILE, ImageCache, build_cache
+from cliptune.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     SHORTEST_EDGE_CROP,
     SQUASH,
@@ -34,9 +34,14 @@ from cliptune.images import (
     normalize_pixels,
     open_rgb,
 )
-from cliptune.model import ModelLoadError, Preprocessing, image_settings_from_processor, load_model
-from cliptune.pipeline import decode_pixels
-from cliptune.webdataset_source import decode_image_bytes
+from cliptune.data.shards import decode_image_bytes
+from cliptune.deploy import embedders
+from cliptune.models.contrastive import (
+    ModelLoadError,
+    Preprocessing,
+    image_settings_from_processor,
+    load_model,
+)
 
 
 def _coco_photos(coco_mini: Path) -> list[Path]:
@@ -109,7 +114,7 @@ def test_files_are_decoded_in_full_for_evaluation_and_search(coco_mini, tmp_path
     pixels = p.normalize(torch.stack([decode_pixels(path, p.image_transform(), DEFAULT_MAX_IMAGE_PIXELS)
                                       for path in paths]))
     assert torch.equal(pixels, expected)
-    searched = search.pixel_batch(search._as_images(paths), p.image_size, p.image_mean, p.image_std,
+    searched = embedders.pixel_batch(embedders._as_images(paths), p.image_size, p.image_mean, p.image_std,
                                   p.resize_rule, p.rescale_factor)
     assert np.array_equal(searched, expected.numpy())
 
@@ -171,7 +176,7 @@ def test_load_model_reads_the_processor_config(tmp_path, tokenizer):
 def test_an_export_carries_the_models_own_preprocessing(coco_mini, tmp_path, tokenizer):
     """The merged folder's preprocessor_config.json and the ONNX preprocessing.json make the base
     model's pixels: a SigLIP whose processor resizes bilinearly with an unusual rescale and mean."""
-    from cliptune.export import export_model
+    from cliptune.deploy.export import export_model
 
     base = save_tiny_siglip(tmp_path / "base", tokenizer, image_size=32)
     transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32}, resample=2, rescale_factor=1 / 256,
@@ -183,9 +188,9 @@ def test_an_export_carries_the_models_own_preprocessing(coco_mini, tmp_path, tok
         images=photos, return_tensors="pt")["pixel_values"]
     exported = transformers.AutoImageProcessor.from_pretrained(tmp_path / "out", backend="pil")
     assert torch.equal(exported(images=photos, return_tensors="pt")["pixel_values"], expected)
-    onnx = search.OnnxEmbedder(tmp_path / "out")
+    onnx = embedders.OnnxEmbedder(tmp_path / "out")
     s = onnx.settings
-    pixels = search.pixel_batch(search._as_images(paths), onnx.image_size, s["mean"], s["std"],
+    pixels = embedders.pixel_batch(embedders._as_images(paths), onnx.image_size, s["mean"], s["std"],
                                 ResizeRule.from_dict(s["resize"]), s["rescale_factor"])
     assert np.array_equal(pixels, expected.numpy())
 
@@ -211,7 +216,7 @@ def test_a_cache_at_the_input_size_gives_the_files_and_the_processors_pixels(coc
     transform = preprocessing.image_transform()
     build_cache(paths, tmp_path / "cache", preprocessing.image_size, workers=1, progress=False,
                 rule=preprocessing.resize_rule)
-    with caplog.at_level(logging.WARNING, logger="cliptune.cache"):
+    with caplog.at_level(logging.WARNING, logger="cliptune.data.cache"):
         cache = ImageCache.open(tmp_path / "cache", expect=transform)
     assert cache.exact_for(transform) and not caplog.records
     cached = torch.stack([decode_pixels(path, transform, DEFAULT_MAX_IMAGE_PIXELS, cache) for path in paths])
@@ -231,7 +236,7 @@ def test_a_cache_of_another_size_or_rule_is_not_used_as_is_and_the_run_log_says_
     cases = {("224", siglip): "resized by .*squash", ("256", clip): "holds 256 px images and the model takes 224 px"}
     for (folder, transform), why in cases.items():
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="cliptune.cache"):
+        with caplog.at_level(logging.WARNING, logger="cliptune.data.cache"):
             cache = ImageCache.open(tmp_path / folder, expect=transform)
         assert not cache.exact_for(transform)
         assert len(caplog.records) == 1 and "not identical" in caplog.text
@@ -243,7 +248,7 @@ def test_a_cache_of_another_size_or_rule_is_not_used_as_is_and_the_run_log_says_
     del index["resize"]
     (tmp_path / "224" / INDEX_FILE).write_text(json.dumps(index))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="cliptune.cache"):
+    with caplog.at_level(logging.WARNING, logger="cliptune.data.cache"):
         assert not ImageCache.open(tmp_path / "224", expect=clip).exact_for(clip)
     assert "rebuild it" in caplog.text
 

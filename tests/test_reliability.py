@@ -19,8 +19,13 @@ import torch
 from conftest import make_image_folder_dataset
 from safetensors.torch import load_file
 
-from cliptune import checkpoint as ckpt
-from cliptune.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint, verify_checkpoint
+from cliptune.training import checkpoint as ckpt
+from cliptune.training.checkpoint import (
+    list_checkpoints,
+    load_latest_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 
 # ---------------------------------------------------------------------------------------------
 # A real `cliptune train` process, killed and resumed
@@ -28,7 +33,7 @@ from cliptune.checkpoint import list_checkpoints, load_latest_checkpoint, save_c
 
 
 def _cli(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "cliptune.cli", "train", "--model.name", str(model_dir), "--data.path", str(data),
+    return [sys.executable, "-m", "cliptune", "train", "--model.name", str(model_dir), "--data.path", str(data),
             "--train.output_dir", str(out), "--train.save_every", "1", "--train.max_steps", "6",
             "--train.micro_batch_size", "2", "--train.grad_accum_steps", "2", "--train.log_every", "1",
             "--data.num_workers", "0", "--train.report", "false", "--lora.dropout", "0.1", "--lora.r", "4",
@@ -170,7 +175,7 @@ def test_checkpoint_with_a_pickled_object_is_refused(tmp_path, caplog):
 
 def _trainer(model_dir: Path, tmp_path: Path, **train):
     from cliptune.config import load_config
-    from cliptune.train import Trainer
+    from cliptune.training.recipe import Trainer
 
     data = make_image_folder_dataset(tmp_path / "data", n_images=8)
     overrides = {"model.name": str(model_dir), "data.path": str(data), "data.num_workers": 0,
@@ -258,7 +263,7 @@ def test_nonfinite_losses_are_skipped_and_counted(tiny_clip_dir, tmp_path):
 
 
 def test_too_many_nonfinite_losses_in_a_row_stop_with_checkpoints_intact(tiny_clip_dir, tmp_path):
-    from cliptune.train import TrainingError
+    from cliptune.training.recipe import TrainingError
 
     trainer = _trainer(tiny_clip_dir, tmp_path, max_steps=4, max_nonfinite_steps=2)
     _nan_on(trainer, {2, 3, 4})

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cliptune.metrics import METRIC_KEYS
-from cliptune.report import (
+from cliptune.evaluation.metrics import METRIC_KEYS
+from cliptune.evaluation.report import (
     CaptionScore,
     ExampleRow,
     ReportInputs,
@@ -202,3 +202,58 @@ def test_format_results_for_terminal_is_aligned():
 def test_delta_rounding_never_shows_negative_zero(delta, shown):
     table = format_metrics_table({"a": {"rsum": 100.0}, "b": {"rsum": 100.0 + delta}})
     assert table.splitlines()[2].endswith(f"| {shown} |")
+
+
+def test_without_matplotlib_the_report_is_written_and_its_figures_say_how_to_get_them(tmp_path, monkeypatch):
+    """matplotlib comes with the `report` extra: a base install still trains and writes report.md/.html;
+    each figure is skipped with the install command, and a stale PNG from an earlier run is removed."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "loss.png").write_bytes(b"stale")
+    md = write_report(out, make_inputs(tmp_path)).read_text(encoding="utf-8")
+    assert md.count("Plot skipped: the report's figures needs matplotlib, which is not installed: "
+                    "pip install 'cliptune[report]'") == 3
+    assert not any(out.glob("*.png"))
+    assert "| image_to_text_R@1 | 78.9 | 84.2 | +5.3 |" in md and (out / "report.html").is_file()
+
+
+def test_write_run_report_shows_what_the_run_summary_holds(tmp_path):
+    import torch
+
+    from cliptune.config import load_config
+    from cliptune.data.readers import ImageCaptions
+    from cliptune.evaluation.embedding import SplitEmbeddings
+    from cliptune.evaluation.report import RunSummary, write_run_report
+    from cliptune.models.lora import ParameterCount
+
+    images = make_images(tmp_path)
+    records = [ImageCaptions(str(i), path, (f"caption {i}", f"other {i}")) for i, path in enumerate(images)]
+    texts = [c for r in records for c in r.captions]
+    image_emb = torch.nn.functional.normalize(torch.eye(3, 4), dim=-1)
+    text_emb = torch.nn.functional.normalize(torch.eye(3, 4).repeat_interleave(2, 0) + 0.1, dim=-1)
+    embeddings = SplitEmbeddings(image_emb, text_emb, torch.arange(3).repeat_interleave(2), texts)
+    config = load_config(None, {"model.name": "tiny-model", "train.output_dir": str(tmp_path / "run"),
+                                "train.accumulation": "plain"})
+    summary = RunSummary(config=config, parameters=ParameterCount(1_000, 50_000), steps=12, train_seconds=90.25,
+                         pairs_per_second=7.125, skipped_steps=2, results={"zero-shot": ZERO_SHOT, "fine-tuned": FINE_TUNED},
+                         bad_images=[("images/x.jpg", "images/x.jpg: truncated")], loss="siglip", precision="bf16",
+                         device="cuda:0", data_notes=["3 training captions were truncated."],
+                         history=[{"step": s, "train_loss": 1.0 / s} for s in range(1, 13)], val_records=records,
+                         val_embeddings=embeddings)
+    md = write_run_report(summary).read_text(encoding="utf-8")
+    assert (tmp_path / "run" / "report.md").is_file() and (tmp_path / "run" / "report.html").is_file()
+    assert "# cliptune run: tiny-model" in md
+    assert "Loss: siglip; accumulation: plain; precision: bf16; device: cuda:0." in md
+    assert "- 3 training captions were truncated." in md
+    assert "2 steps had a non-finite loss and were skipped." in md
+    assert "Metrics on the `val` split (3 images)." in md
+    assert "1,000 trainable of 50,000 parameters (2.0000 %)" in md
+    assert "optimizer_steps: 12" in md and "pairs_per_second: 7.12" in md and "device: cuda:0" in md
+    assert "| images/x.jpg | truncated |" in md
+    assert "| image_to_text_R@1 | 78.9 | 84.2 | +5.3 |" in md
+    for name in ("loss.png", "recall.png", "similarity.png"):
+        assert_png(tmp_path / "run" / name)

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cliptune.search import Index, OnnxEmbedder, TorchEmbedder, open_rgb
+from cliptune.data.images import open_rgb
+from cliptune.deploy.embedders import OnnxEmbedder, TorchEmbedder
+from cliptune.deploy.index import Index
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
            "black": (10, 10, 10), "white": (245, 245, 245), "purple": (128, 0, 128), "orange": (255, 140, 0),
@@ -108,7 +110,7 @@ def test_approximate_indexes_agree_on_top1(photos, tmp_path, approximate):
 
 @pytest.fixture(scope="module")
 def onnx_dir(tiny_clip_dir, tmp_path_factory) -> Path:
-    from cliptune.export import export_model
+    from cliptune.deploy.export import export_model
 
     return export_model(str(tiny_clip_dir), tmp_path_factory.mktemp("export"), onnx=True).out_dir / "onnx"
 
@@ -127,7 +129,7 @@ def test_onnx_search_never_imports_torch(photos, tmp_path, onnx_dir):
     Index.build(photos, tmp_path / "index", OnnxEmbedder(onnx_dir), progress=False)
     script = (
         "import sys\n"
-        "from cliptune.search import Index\n"
+        "from cliptune.deploy.index import Index\n"
         f"hits = Index.load({str(tmp_path / 'index')!r}).search('a red photo', k=3)\n"
         "assert len(hits) == 3, hits\n"
         "print('torch' in sys.modules)\n"
@@ -137,7 +139,7 @@ def test_onnx_search_never_imports_torch(photos, tmp_path, onnx_dir):
 
 
 def test_index_and_search_cli(photos, tmp_path, onnx_dir, capsys):
-    from cliptune.cli import main
+    from cliptune.apps.cli import main
 
     assert main(["index", str(photos), "--out", str(tmp_path / "index"), "--onnx", str(onnx_dir)]) == 0
     assert "indexed 10 photos" in capsys.readouterr().out
@@ -150,7 +152,7 @@ def test_index_and_search_cli(photos, tmp_path, onnx_dir, capsys):
 def test_coco_mini_caption_finds_its_photo(coco_mini, coco_mini_finetuned, tmp_path):
     """The issue's "done when": a model fine-tuned on coco-mini, its val photos indexed, searched by caption."""
     from cliptune.config import DataConfig
-    from cliptune.data import read_split
+    from cliptune.data.readers import read_split
 
     base, result = coco_mini_finetuned
     records, _ = read_split(DataConfig(path=str(coco_mini / "captions_{split}.json")), "val")

@@ -12,11 +12,17 @@ from conftest import make_image_folder_dataset
 from torch.utils.data import DataLoader
 
 from cliptune.config import DataConfig, load_config
-from cliptune.data import read_split
-from cliptune.images import ImageTransform
-from cliptune.model import load_model
-from cliptune.streaming import ShardPairStream, count_shards, expand_shards, sample_image_id, shuffle_buffer
-from cliptune.webdataset_source import write_webdataset
+from cliptune.data.images import ImageTransform
+from cliptune.data.readers import read_split
+from cliptune.data.shards import write_webdataset
+from cliptune.data.streaming import (
+    ShardPairStream,
+    count_shards,
+    expand_shards,
+    sample_image_id,
+    shuffle_buffer,
+)
+from cliptune.models.contrastive import load_model
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +143,7 @@ def test_a_corrupt_image_is_reported_in_the_batch_not_raised(preprocessing, tmp_
 
 
 def test_trainer_streams_shards_and_evaluates_the_extracted_val_split(shard_data, tiny_clip_dir, tmp_path):
-    from cliptune.train import Trainer
+    from cliptune.training.recipe import Trainer
 
     config = load_config(None, {
         "model.name": str(tiny_clip_dir), "data.path": shard_data, "train.output_dir": str(tmp_path / "run"),
@@ -148,7 +154,7 @@ def test_trainer_streams_shards_and_evaluates_the_extracted_val_split(shard_data
     plan = trainer.setup_data()
     # 21 pairs an epoch at 8 a step: 2 full steps and a partial one, kept (the stream fills it).
     assert (plan.train_images, plan.pairs_per_epoch, plan.steps_per_epoch, plan.total_steps) == (21, 21, 3, 6)
-    assert len(trainer.val_records) == 7
+    assert len(trainer.data.val_records) == 7
     trainer.setup()
     result = trainer.train()
     assert result.steps == 6 and not result.interrupted
@@ -166,7 +172,7 @@ def test_shards_and_an_image_cache_are_refused_together(shard_data):
 
 
 def test_missing_shards_are_named(shard_data, tiny_clip_dir, tmp_path):
-    from cliptune.train import Trainer, TrainingError
+    from cliptune.training.recipe import Trainer, TrainingError
 
     pattern = shard_data.replace("{000000..000003}", "{000000..000005}")  # 000004 and 000005 don't exist
     config = load_config(None, {"model.name": str(tiny_clip_dir), "data.path": pattern, "train.device": "cpu",
@@ -178,7 +184,7 @@ def test_missing_shards_are_named(shard_data, tiny_clip_dir, tmp_path):
 
 
 def test_cli_pack_then_train_streams_with_a_val_split_of_fewer_shards(tiny_clip_dir, tmp_path, capsys):
-    from cliptune.cli import main
+    from cliptune.apps.cli import main
 
     jsonl = make_image_folder_dataset(tmp_path / "data", n_images=16)  # 12 train, 4 val
     assert main(["data", "pack", "--data.path", str(jsonl), "--out", str(tmp_path / "shards"), "--shard-size", "3"]) == 0
@@ -189,7 +195,7 @@ def test_cli_pack_then_train_streams_with_a_val_split_of_fewer_shards(tiny_clip_
     assert main(["train", "--model.name", str(tiny_clip_dir), "--data.path", pattern, "--train.device", "cpu",
                  "--train.output_dir", str(tmp_path / "run"), "--train.max_steps", "2", "--lora.r", "2",
                  "--data.num_workers", "1", "--train.micro_batch_size", "3", "--train.grad_accum_steps", "2"]) == 0
-    from cliptune.data import read_split
+    from cliptune.data.readers import read_split
 
     val = read_split(DataConfig(path=str(tmp_path / "run" / "val-from-shards" / "captions.jsonl")), "val")[0]
     assert len(val) == 4

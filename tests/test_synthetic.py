@@ -1,4 +1,4 @@
-"""Tests for cliptune.synthetic: format, determinism, and captions that tell the truth."""
+"""Tests for cliptune.data.synthetic: format, determinism, and captions that tell the truth."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cliptune.synthetic import COLOURS, PLACE_PHRASES, REGIONS, _image_key, _sample_scene, generate_scenes
+from cliptune.data.synthetic import (
+    COLOURS,
+    PLACE_PHRASES,
+    REGIONS,
+    _image_key,
+    _sample_scene,
+    generate_scenes,
+)
 
 
 def _records(jsonl: Path) -> list[dict]:

@@ -9,9 +9,9 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from cliptune.cli import main
+from cliptune.apps.cli import main
 from cliptune.config import load_config
-from cliptune.train import Trainer
+from cliptune.training.recipe import Trainer
 
 
 def _overrides(model_dir, data_path, out, **extra):
@@ -123,8 +123,8 @@ def test_eval_adds_zero_shot_classification_accuracy(tokenizer, colour_data, tmp
 
     from PIL import Image
 
-    from cliptune.compare import EvalRequest, compare_variants, read_labelled_folder
     from cliptune.config import DataConfig, ModelConfig
+    from cliptune.evaluation.compare import EvalRequest, compare_variants, read_labelled_folder
 
     model_dir = _colour_sensitive_clip(tmp_path / "model", tokenizer)
     folder = tmp_path / "classes"
@@ -251,7 +251,7 @@ def test_captions_are_padded_to_the_batch_longest_and_siglip_to_its_context(fami
     # Independently of cliptune: the saved tokenizer and the model's text context from config.json.
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     context = json.loads((model_dir / "config.json").read_text())["text_config"]["max_position_embeddings"]
-    captions = [record.captions[0] for record in trainer.train_records]
+    captions = [record.captions[0] for record in trainer.data.records]
     widths = []
     assert len(seen) == 4
     for batch in seen:

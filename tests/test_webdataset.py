@@ -10,9 +10,9 @@ import numpy as np
 from conftest import make_image_folder_dataset
 
 from cliptune.config import DataConfig
-from cliptune.data import read_split
-from cliptune.images import open_rgb
-from cliptune.webdataset_source import ShardStats, iter_webdataset, materialize_webdataset, write_webdataset
+from cliptune.data.images import open_rgb
+from cliptune.data.readers import read_split
+from cliptune.data.shards import ShardStats, iter_webdataset, materialize_webdataset, write_webdataset
 
 
 def _records(tmp_path):

@@ -8,16 +8,11 @@ never an hour into training.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import functools
-import inspect
 import re
-import textwrap
 import types
 import typing
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +29,11 @@ class ConfigError(UsageError):
 
 
 TowerMode = Literal["lora", "frozen", "full"]
+Tracker = Literal["tensorboard", "wandb", "mlflow", "none"]  # train.report_to
+
+# data.max_image_pixels' default, also for callers without a config (search, the cache, shard tools).
+# Here rather than in data/images.py: images.py imports this module, and `import cliptune.config` stays free of PIL.
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 
 
 @dataclass
@@ -57,7 +57,7 @@ class LoraSettings:
     """Dropout on the LoRA branch input. 0.1 is the seed recipe's."""
     fast_path: bool = True
     """On CPUs, LoRA dropout masks drawn 4 entries per random number (p quantised to 1/65536) and the
-    LoRA branch fused into the base layer's matmul (`cliptune.fast_lora`). Off: PEFT's own modules."""
+    LoRA branch fused into the base layer's matmul (`cliptune.models.fast_lora`). Off: PEFT's own modules."""
     target_modules: list[str] | None = None
     """Leaf module names to adapt in each LoRA tower. None: the model family's attention + MLP layers
     (q_proj k_proj v_proj out_proj fc1 fc2 for CLIP and SigLIP)."""
@@ -110,7 +110,7 @@ class DataConfig:
     """Use only the first N images of each split (quick runs)."""
     bad_images: Literal["skip", "fail"] = "skip"
     """An unreadable image is skipped, counted and listed in the report, or stops the run naming it."""
-    max_image_pixels: int = 100_000_000
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     """Images with more pixels are refused as decompression bombs."""
     num_workers: int = 2
     """DataLoader worker processes decoding images."""
@@ -147,7 +147,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW weight decay. 0: LoRA factors are small already, and HF Trainer's default is 0."""
     warmup_ratio: float = 0.05
-    """Fraction of the optimizer steps spent ramping the lr up linearly from 0."""
+    """Fraction of the optimizer steps spent ramping the lr up linearly (from lr / (warmup steps + 1), never 0)."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Learning-rate decay after warmup."""
     max_grad_norm: float | None = 1.0
@@ -177,6 +177,10 @@ class TrainConfig:
     """Images or captions encoded at once without gradients (evaluation, `cliptune index`, `export`'s int8 check)."""
     report: bool = True
     """Evaluate zero-shot and fine-tuned retrieval on the val split and write report.md/.html at the end."""
+    report_to: list[Tracker] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers that mirror metrics.jsonl (through Accelerate): `tensorboard` (into
+    output_dir/tensorboard), `wandb`, `mlflow`, several as a list, or `none`. wandb or mlflow without its
+    package is refused before the model loads; without tensorboard (the `report` extra) a warning says so."""
 
     @property
     def effective_batch_size(self) -> int:
@@ -233,13 +237,6 @@ def resolve_config_path(path: str | Path) -> Path:
         return PACKAGED_CONFIGS / path.name
     shipped = ", ".join(sorted(f"configs/{p.name}" for p in PACKAGED_CONFIGS.glob("*.yaml")))
     raise ConfigError(f"config file not found: {path} (configs shipped with cliptune: {shipped})")
-
-
-def config_from_dict(raw: dict[str, Any]) -> RunConfig:
-    """Rebuild a validated RunConfig from `RunConfig.to_dict()` output (a saved run's config)."""
-    config = build_dataclass(RunConfig, raw, where="")
-    validate_config(config)
-    return config
 
 
 def save_config(config: RunConfig, path: Path) -> None:
@@ -396,6 +393,8 @@ def validate_config(config: RunConfig) -> None:
     need(train.keep_checkpoints >= 1, "train.keep_checkpoints", train.keep_checkpoints, "must be >= 1")
     need(train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", train.max_nonfinite_steps, "must be >= 1")
     need(train.eval_batch_size >= 1, "train.eval_batch_size", train.eval_batch_size, "must be >= 1")
+    need("none" not in train.report_to or len(train.report_to) == 1, "train.report_to", train.report_to,
+         "lists none beside a tracker: use none alone (metrics.jsonl only) or leave it out")
     need(DEVICE_PATTERN.fullmatch(train.device) is not None, "train.device", train.device,
          "is not a device: use auto, cpu, cuda, cuda:N or mps")
 
@@ -403,112 +402,3 @@ def validate_config(config: RunConfig) -> None:
 # Checked without importing torch (config loading stays light); `cliptune.runtime.resolve_device` then
 # refuses a well-formed device this machine does not have.
 DEVICE_PATTERN = re.compile(r"auto|cpu|(cuda|mps)(:\d+)?")
-
-
-def parse_value(text: str) -> Any:
-    """A command-line value read as a YAML scalar or list (`5e-5`, `true`, `null`, `[a, b]`); else the text."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if value is None and text.strip() not in ("null", "~", "none", "None", ""):
-        return text
-    return value
-
-
-def parse_flag_value(dotted: str, text: str) -> Any:
-    """A `--section.key` value from the command line: as typed for a string field (a folder named
-    `yes` or `1e5` stays that), else read as YAML like `parse_value`."""
-    tp = next((key.type for key in config_keys() if key.dotted == dotted), None)
-    if tp is str:
-        return text
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and set(typing.get_args(tp)) == {str, type(None)}:
-        return None if text.strip() in ("null", "~", "none", "None") else text
-    return parse_value(text)
-
-
-def check_key(dotted: str) -> None:
-    """Refuse a dotted key that names no config field, suggesting the nearest one that does."""
-    keys = [key.dotted for key in config_keys()]
-    if dotted in keys:
-        return
-    close = difflib.get_close_matches(dotted, keys, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    section = dotted.split(".", 1)[0]
-    same = [k for k in keys if k.startswith(section + ".")]
-    valid = f" (valid: {', '.join(same)})" if same else f" (sections: {', '.join(f.name for f in dataclasses.fields(RunConfig))})"
-    raise ConfigError(f"unknown config key {dotted!r}{hint}{valid}")
-
-
-@dataclass(frozen=True)
-class ConfigKey:
-    dotted: str          # "train.lr"
-    type: Any            # the field's type hint
-    default: Any
-    doc: str             # the field's docstring, on one line
-
-
-def config_keys(cls: type | None = None, prefix: str = "") -> Iterator[ConfigKey]:
-    """Every leaf key of the config (sections recursed), with its default and docstring, in field order."""
-    cls = cls or RunConfig
-    hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
-    for f in dataclasses.fields(cls):
-        dotted = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hints[f.name]):
-            yield from config_keys(hints[f.name], dotted + ".")
-            continue
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        yield ConfigKey(dotted, hints[f.name], default, docs.get(f.name, ""))
-
-
-@functools.cache
-def field_docs(cls: type) -> dict[str, str]:
-    """Field name -> the string literal right after it in the class body (the attribute-docstring
-    convention that Sphinx, litgpt and jsonargparse read), whitespace collapsed to one line."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
-            docs[node.target.id] = " ".join(after.value.value.split())
-    return docs
-
-
-def describe_type(tp: Any) -> str:
-    """A short metavar for a field type: INT, FLOAT, BOOL, STR, LIST, {a,b}; `?` marks null allowed."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        label = describe_type(inner[0]) if len(inner) == 1 else "VALUE"
-        return label + "?" if type(None) in args else label
-    if origin is Literal:
-        return "{" + ",".join(map(str, args)) + "}"
-    if origin in (list, tuple):
-        return "LIST"
-    return {int: "INT", float: "FLOAT", bool: "BOOL", str: "STR"}.get(tp, "VALUE")
-
-
-def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """`--train.lr 5e-5 --lora.vision=frozen` -> {"train.lr": 5e-05, "lora.vision": "frozen"}.
-
-    Values are read as YAML scalars/lists, so numbers, booleans, null and [a, b] work.
-    """
-    overrides: dict[str, Any] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
-            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key value")
-        key = arg[2:]
-        if "=" in key:
-            key, text = key.split("=", 1)
-        else:
-            if i + 1 >= len(args):
-                raise ConfigError(f"override {arg!r} has no value")
-            i += 1
-            text = args[i]
-        overrides[key] = parse_value(text)
-        i += 1
-    return overrides

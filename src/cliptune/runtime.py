@@ -1,10 +1,13 @@
-"""Where a command computes and in what precision, resolved in one place for train, eval, bench and index.
+"""Where a command computes, in what precision, and how much memory it took: one place for train,
+eval, bench and index.
 
 A device the machine does not have is refused with the field that asked for it, never silently
 replaced by the CPU: a run that was meant for a GPU and crawls on a CPU wastes hours before anyone notices.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 
@@ -44,3 +47,48 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory so far, in GiB: CUDA's allocator peak on a GPU (since the start or the last
+    `PeakMemory`), else the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class PeakMemory:
+    """Peak memory of one phase, in GiB: `with PeakMemory(device) as peak: ...`, then `peak.gb`.
+
+    On a GPU, CUDA's allocator peak, reset on entry. Elsewhere the process's resident set sampled
+    every 5 ms: the process-wide peak `peak_memory_gb` reads there cannot be reset, so it would
+    report an earlier, larger phase."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.gb = device, 0.0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        import psutil
+
+        process, self._stop = psutil.Process(), threading.Event()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self.gb = max(self.gb, process.memory_info().rss / 2**30)
+                self._stop.wait(0.005)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.gb = peak_memory_gb(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
