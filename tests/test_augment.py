@@ -71,6 +71,21 @@ def test_a_crop_that_cannot_fit_falls_back_to_the_centre_crop():
     assert torch.equal(transform(image, random.Random(0)), pil_to_uint8_tensor(resize_center_crop(image, 16)))
 
 
+def test_a_siglip_crop_uses_its_own_filter_and_falls_back_to_its_squash():
+    """SigLIP resizes bilinearly without a crop: augmented crops and the no-fit fallback follow the
+    model's rule, not CLIP's bicubic shortest-edge crop."""
+    rule = images.ResizeRule(images.SQUASH, None, int(Image.Resampling.BILINEAR))
+    transform = ImageTransform(16, AugmentConfig(random_resized_crop=True, crop_scale=(0.9, 1.0)), rule)
+    narrow = _noise(400, 8)
+    assert torch.equal(transform(narrow, random.Random(0)), pil_to_uint8_tensor(rule.apply(narrow, 16)))
+    assert not torch.equal(transform(narrow, random.Random(0)), pil_to_uint8_tensor(resize_center_crop(narrow, 16)))
+    image = _noise(200, 150)
+    box = random_crop_box(200, 150, (0.9, 1.0), random.Random(3))
+    assert box is not None
+    expected = pil_to_uint8_tensor(image.resize((16, 16), Image.Resampling.BILINEAR, box=box))
+    assert torch.equal(transform(image, random.Random(3)), expected)
+
+
 def test_horizontal_flip_happens_half_the_time_and_mirrors_the_image():
     image = _noise(32, 32)
     plain = ImageTransform(32)(image)

@@ -155,6 +155,7 @@ def test_train_check_prints_skips_and_the_report_lists_a_shared_file_once(tiny_c
     path = data.parent / shared
     assert printed == ["skipped 1 of 9 train images: unreadable", f"  {path}: not an image PIL can read",
                        "skipped 1 of 4 val images: unreadable", f"  {path}: not an image PIL can read"]
-    trainer.train()
+    result = trainer.train()
+    assert [item[0] for item in result.bad_images] == [str(path)]
     report = (tmp_path / "run" / "report.md").read_text()
     assert "Skipped inputs (1)" in report and report.count(str(path)) == 1

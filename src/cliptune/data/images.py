@@ -202,7 +202,7 @@ class ImageTransform:
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         augment = self.augment
         if augment is not None and rng is not None and augment.random_resized_crop:
-            image = _random_resized_crop(image, self.size, augment.crop_scale, rng)
+            image = _random_resized_crop(image, self.size, augment.crop_scale, rng, self.rule)
         else:
             image = self.rule.apply(image, self.size)
         if augment is not None and rng is not None:
@@ -255,11 +255,13 @@ def random_crop_box(width: int, height: int, scale: tuple[float, float],
     return None
 
 
-def _random_resized_crop(image: Image.Image, size: int, scale: tuple[float, float], rng: random.Random) -> Image.Image:
+def _random_resized_crop(image: Image.Image, size: int, scale: tuple[float, float], rng: random.Random,
+                         rule: ResizeRule) -> Image.Image:
     box = random_crop_box(image.width, image.height, scale, rng)
     if box is None:
-        return resize_center_crop(image, size)
-    return image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+        # No crop fits (an extreme aspect ratio): the model's own eval resize, not CLIP's for every model.
+        return rule.apply(image, size)
+    return image.resize((size, size), rule.resample, box=box)
 
 
 def _color_jitter(image: Image.Image, strength: float, rng: random.Random) -> Image.Image:

@@ -143,7 +143,8 @@ class TrainingData:
                 val = (_val_split_from_shards(config, accelerator, bad) if data.shards is not None
                        else read_split(config.data, config.data.val_split)[0])
                 val_records, val_bad = _check_images(val, "val", config.data, image_source, speak)
-                bad += val_bad
+                seen = {path for path, _ in bad}  # a file both splits use is listed once
+                bad += [item for item in val_bad if item[0] not in seen]
             except ValueError as err:
                 log.warning("no validation split (%s): validation and the report's metrics are skipped", err)
         return dataclasses.replace(data, rank=accelerator.process_index, records=records, preprocessing=preprocessing,
