@@ -24,6 +24,7 @@ does an exemption no doc needs any more. Sockets may only connect to loopback ad
 
 from __future__ import annotations
 
+import ast
 import csv
 import ipaddress
 import json
@@ -431,3 +432,28 @@ def test_wheel_ships_the_configs_the_docs_name(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     missing = sorted(name for name in shipped if f"cliptune/{name}" not in names)
     assert not missing, f"{wheel.name} lacks {missing}"
+
+
+def test_deploy_md_python_block_runs(workspaces, monkeypatch, capsys):
+    """docs/deploy.md's ```python block, executed as written after the doc's commands (it reads their
+    export folder and the ~/Pictures photos): both searches print five (path, cosine) hits, best first."""
+    from test_api import python_blocks
+
+    commands = [c for c in ALL_COMMANDS if c.doc == "docs/deploy.md" and c.text not in EXEMPT]
+    workspace = workspaces("docs/deploy.md", monkeypatch)
+    _run_earlier(workspace, commands[-1])
+    if commands[-1] not in workspace.outcomes:
+        _run(commands[-1])
+        workspace.outcomes[commands[-1]] = None
+    (start, code), = python_blocks((REPO / "docs" / "deploy.md").read_text(encoding="utf-8"))
+    capsys.readouterr()
+    exec(compile(code, f"docs/deploy.md:{start}", "exec"), {"__name__": "__deploy_md__"})
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 2, printed
+    photos = sorted(str(p) for p in (workspace.root / "home" / "Pictures").rglob("*") if p.is_file())
+    for line in printed:
+        hits = ast.literal_eval(line)
+        assert len(hits) == min(5, len(photos)), hits
+        assert [score for _, score in hits] == sorted((score for _, score in hits), reverse=True), hits
+        assert all(str(Path(path)) in photos or str(workspace.root / "home" / "Pictures" / path) in photos
+                   for path, _ in hits), hits
