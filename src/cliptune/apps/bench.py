@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cliptune.apps.bench_trainer import TrainerBenchRequest, measure
 from cliptune.apps.timing import bf16_matmul_speedup, interleaved_rates
 from cliptune.config import DEFAULT_MAX_IMAGE_PIXELS, DataConfig, LoraSettings, ModelConfig, UsageError
 from cliptune.data.batches import PairCollator, PairDataset, StepBatchSampler, epoch_pairs, tokenize_captions
@@ -65,6 +66,8 @@ class BenchOptions:
     workers: int = 0
     """DataLoader workers of cliptune's end-to-end path (cache reads are cheap; 0 leaves the cores to the model)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
+    trainer_only: bool = False
+    """Run only the seed-loop-vs-Trainer section (`cliptune.apps.bench_trainer`), `steps` optimizer steps each."""
 
 
 def _image_processor(preprocessing: Preprocessing):
@@ -93,12 +96,7 @@ class _Bench:
 
     def setup(self, cache_dir: Path) -> None:
         opts = self.options
-        if opts.data is None:
-            raise UsageError("bench: no data: give --data.path, annotations or a folder with captions_train.json "
-                             "and its images (the README's figures: ../shared/data/coco-mini)")
-        # A folder is read as COCO's layout; anything else is an annotation source, as data.path is everywhere.
-        source = Path(opts.data) / "captions_{split}.json" if Path(opts.data).is_dir() else Path(opts.data)
-        records, _ = read_split(DataConfig(path=str(source)), "train")
+        records, _ = read_split(DataConfig(path=str(_source(opts))), "train")
         records = records[:16] if opts.short else records
         # A batch larger than the data set (batch 256 on a GPU) repeats images: each copy is its own pair.
         self.records: list[ImageCaptions] = records * -(-opts.batch // len(records))
@@ -347,27 +345,44 @@ class _Bench:
         self.results["speedup_eval_encode"] = round(rates["cliptune"] / rates["naive"], 2)
 
 
+def _source(opts: BenchOptions) -> Path:
+    if opts.data is None:
+        raise UsageError("bench: no data: give --data.path, annotations or a folder with captions_train.json "
+                         "and its images (the README's figures: ../shared/data/coco-mini)")
+    # A folder is read as COCO's layout; anything else is an annotation source, as data.path is everywhere.
+    return Path(opts.data) / "captions_{split}.json" if Path(opts.data).is_dir() else Path(opts.data)
+
+
 def run_bench(options: BenchOptions) -> dict:
     """Run every measurement and return one JSON-ready dict (see docs/speed.md for the keys)."""
     started = time.perf_counter()
     random.seed(0)
     np.random.seed(0)
     bench = _Bench(options)
+    source = _source(options)
     with tempfile.TemporaryDirectory(prefix="cliptune-bench-") as cache_dir:
-        bench.setup(Path(cache_dir))
+        if options.trainer_only:
+            bench.records, bench.parameters = [], None
+        else:
+            bench.setup(Path(cache_dir))
         bench.results.update({
             "model": options.model, "device": str(bench.device), "torch": torch.__version__,
             "cpu_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "machine": platform.processor() or platform.machine(),
             "gpu": torch.cuda.get_device_name(bench.device) if bench.device.type == "cuda" else None,
-            "micro_batch": options.batch, "timed_steps": bench.steps, "images": len(bench.records),
-            "trainable_parameters": bench.parameters.trainable, "total_parameters": bench.parameters.total,
-            "short": options.short,
+            "micro_batch": options.batch, "timed_steps": bench.steps, "images": len(bench.records) or None,
+            "trainable_parameters": bench.parameters and bench.parameters.trainable,
+            "total_parameters": bench.parameters and bench.parameters.total, "short": options.short,
         })
-        for phase in (bench.input_pipeline, bench.model_step, bench.end_to_end, bench.evaluation):
+        for phase in () if options.trainer_only else (bench.input_pipeline, bench.model_step, bench.end_to_end,
+                                                      bench.evaluation):
             log.info("bench: %s (%.0f s so far)", phase.__name__, time.perf_counter() - started)
             phase()
-        del bench.cache
+        bench.__dict__.pop("cache", None)
+        bench.__dict__.pop("model", None)  # the section below loads its own three models
+    log.info("bench: seed loop vs Trainer (%.0f s so far)", time.perf_counter() - started)
+    bench.results.update(measure(TrainerBenchRequest(options.model, str(source), options.device, bench.steps,
+                                                     options.batch, workers=options.workers)))
     if bench.device.type == "cpu":
         bench.results["peak_rss_mb_process"] = round(peak_memory_gb(bench.device) * 1024)
     bench.results["bench_seconds"] = round(time.perf_counter() - started, 1)

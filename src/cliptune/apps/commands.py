@@ -245,6 +245,6 @@ def bench(args: argparse.Namespace, given: dict[str, Any]) -> int:
                            device=config.train.device,
                            batch=config.train.micro_batch_size, eval_batch=config.train.eval_batch_size,
                            steps=args.steps, short=args.short, sweep=args.sweep, cache_size=args.cache_size,
-                           workers=config.data.num_workers, lora=config.lora)
+                           workers=config.data.num_workers, lora=config.lora, trainer_only=args.trainer_only)
     print(json.dumps(run_bench(options), indent=2))
     return 0
