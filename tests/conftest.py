@@ -69,6 +69,18 @@ def save_tiny_siglip(out: Path, tok, image_size: int = 32, seed: int = 0) -> Pat
     return out
 
 
+def save_tiny_dual(out: Path, tok) -> Path:
+    """A composed dual encoder (EfficientNet-Lite0 tower at 32 px + a 2-layer, 32-wide BERT, 16-d heads),
+    saved with `save_composed` as a model folder."""
+    from cliptune.models.dual_encoder import DualEncoderConfig, DualEncoderModel, save_composed
+
+    torch.manual_seed(0)
+    text = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, intermediate_size=37, max_position_embeddings=64).to_dict()
+    model = DualEncoderModel(DualEncoderConfig(vision_config={"backbone": "efficientnet_lite0"}, text_config=text,
+                                               projection_dim=16, image_size=32, max_text_length=24)).eval()
+    return save_composed(model, tok, out)
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory, tokenizer) -> Path:
     return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), tokenizer)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import save_tiny_clip
+from conftest import save_tiny_clip, save_tiny_dual
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,26 +210,12 @@ def _fake_flickr30k_hub(root: Path) -> None:
             archive.write(_jpeg(root / "src" / name, 100 + i), f"flickr30k-images/{name}")
 
 
-def _tiny_dual(out: Path, tokenizer) -> Path:
-    import torch
-    import transformers
-
-    from cliptune.models.dual_encoder import DualEncoderConfig, DualEncoderModel, save_composed
-
-    torch.manual_seed(0)
-    text = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                   num_attention_heads=2, intermediate_size=37, max_position_embeddings=64).to_dict()
-    model = DualEncoderModel(DualEncoderConfig(vision_config={"backbone": "efficientnet_lite0"}, text_config=text,
-                                               projection_dim=16, image_size=32, max_text_length=24)).eval()
-    return save_composed(model, tokenizer, out)
-
-
 def _template(root: Path, tokenizer) -> None:
     """Everything any doc's paths need, built once and copied per doc."""
     repo = root / "repo"  # no configs/ folder: `--config configs/NAME.yaml` finds the ones shipped in the package
     save_tiny_clip(repo / "openai" / "clip-vit-base-patch32", tokenizer)
     save_tiny_clip(repo / "BASE", tokenizer, seed=1)
-    _tiny_dual(repo / "runs" / "demo" / "base-model", tokenizer)
+    save_tiny_dual(repo / "runs" / "demo" / "base-model", tokenizer)
     _coco(root / "shared" / "data" / "coco-mini", {"train": 8, "val": 4})
     _coco(repo / "data" / "coco", {"train": 6, "val": 4})
     for i, name in enumerate(["dog.jpg", "beach.png", "holiday/cat.jpg", "holiday/sea.webp"]):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import save_tiny_dual
 from PIL import Image
 
 from cliptune.config import LoraSettings, ModelConfig
@@ -16,17 +17,6 @@ from cliptune.deploy.embedders import OnnxEmbedder, TorchEmbedder
 from cliptune.deploy.export import export_model, measure_quantization
 from cliptune.models.contrastive import load_model
 from cliptune.models.lora import apply_lora, load_merged_model, save_adapter
-
-
-def save_tiny_dual(out: Path, tok) -> Path:
-    from cliptune.models.dual_encoder import DualEncoderConfig, DualEncoderModel, save_composed
-
-    torch.manual_seed(0)
-    text = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                   num_attention_heads=2, intermediate_size=37, max_position_embeddings=64).to_dict()
-    model = DualEncoderModel(DualEncoderConfig(vision_config={"backbone": "efficientnet_lite0"}, text_config=text,
-                                               projection_dim=16, image_size=32, max_text_length=24)).eval()
-    return save_composed(model, tok, out)
 
 
 def save_random_adapter(base: str, out: Path, seed: int = 1) -> Path:
