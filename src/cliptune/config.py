@@ -39,8 +39,9 @@ DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 @dataclass
 class ModelConfig:
     name: str = "openai/clip-vit-base-patch32"
-    """Hugging Face hub id or local folder, loaded with `from_pretrained`. `random:clip-vit-b-32`
-    builds ViT-B/32's shapes with random weights (parameter counts, speed benchmarks)."""
+    """Hugging Face hub id or local folder, loaded with `from_pretrained`. `random:clip-vit-b-32` (and
+    `random:clip-vit-b-16`, `-l-14`, `-l-14-336`, `random:siglip-base-patch16-224`, `-so400m-patch14-384`)
+    builds that checkpoint's exact architecture with random weights, offline (parameter counts, benchmarks)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to pin."""
     trust_remote_code: bool = False

@@ -20,11 +20,13 @@ def train(args: argparse.Namespace, given: dict[str, Any]) -> int:
 
     config = load_config(args.config, given)
     trainer = Trainer(config, resume=args.resume)
-    counts = trainer.setup_model()
     # Under torchrun / accelerate launch every rank runs this; one of them speaks.
     say = print if trainer.accelerator.is_main_process else (lambda *args, **kwargs: None)
-    say(counts)
     if args.dry_run:
+        from cliptune.models.lora import count_adapted_parameters
+
+        # Counted apart from the trainer's model: a random: shape is then built without weights.
+        say(count_adapted_parameters(config.model, config.lora))
         # The plan needs the number of training images; reading the annotations is cheap, opening images is not.
         from cliptune.training.data import TrainingData
         from cliptune.training.recipe import TrainingError
@@ -36,6 +38,7 @@ def train(args: argparse.Namespace, given: dict[str, Any]) -> int:
             return 0
         say(f"{plan.describe()}; accumulation {config.train.accumulation}; output {config.train.output_dir}")
         return 0
+    say(trainer.setup_model())
     plan = trainer.setup_data()
     say(plan.describe())
     trainer.setup()

@@ -7,6 +7,7 @@ downstream (LoRA, losses, training, evaluation, export) only calls `ContrastiveM
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from torch import nn
 from cliptune.config import ModelConfig
 from cliptune.data.images import SHORTEST_EDGE_CROP, SQUASH
 from cliptune.data.preprocessing import Preprocessing
+from cliptune.models.random_shapes import is_random_model, random_shape
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +80,18 @@ def _features(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-def load_model(cfg: ModelConfig) -> tuple[ContrastiveModel, Preprocessing]:
-    """Load the model named by `cfg.name` (hub id or local folder) and its preprocessing."""
-    if cfg.name == RANDOM_VIT_B_32:
-        return _random_vit_b_32()
+def load_model(cfg: ModelConfig, on_meta: bool = False) -> tuple[ContrastiveModel, Preprocessing]:
+    """Load the model named by `cfg.name` (hub id, local folder or `random:` shape) and its preprocessing.
+
+    `on_meta` builds a `random:` shape on PyTorch's meta device: every parameter has its shape but no
+    memory and no values, enough to count and adapt it (so400m's 878 M parameters in a fraction of a
+    second instead of half a minute and 3.5 GB). A hub id or folder always loads its weights.
+    """
+    if is_random_model(cfg.name):
+        return _random_model(cfg.name, on_meta)
+    if on_meta:
+        raise ValueError(f"load_model(on_meta=True): only random: models build on the meta device, "
+                         f"not {cfg.name!r}")
     name = cfg.name
     if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise ModelLoadError(f"model.name: folder {name!r} does not exist")
@@ -196,15 +206,25 @@ def _per_channel(value) -> tuple[float, float, float]:
     return tuple(float(v) for v in values)
 
 
-def _random_vit_b_32() -> tuple[ContrastiveModel, Preprocessing]:
-    """ViT-B/32's shapes with random weights: counting parameters and timing need no download."""
+def _random_model(name: str, on_meta: bool) -> tuple[ContrastiveModel, Preprocessing]:
+    """A checkpoint's exact architecture with random weights (`models.random_shapes`), with its family's
+    preprocessing at its size: counting parameters and timing need no download."""
     from cliptune.models.dual_encoder import packaged_minilm_path
 
-    # Any real subword tokenizer gives realistic caption lengths; the packaged MiniLM one installs offline.
+    shape = random_shape(name)
+    # The real CLIP and SigLIP tokenizers do not install offline; any real subword tokenizer gives
+    # realistic caption lengths, and the packaged MiniLM one does. Its ids index the embedding table,
+    # which keeps the checkpoint's own vocabulary size (so the parameter count is the checkpoint's).
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(packaged_minilm_path()))
-    text = {"bos_token_id": tokenizer.cls_token_id, "eos_token_id": tokenizer.sep_token_id,
-            "pad_token_id": tokenizer.pad_token_id}
-    net = transformers.CLIPModel(transformers.CLIPConfig(text_config=text))
-    preprocessing = Preprocessing(tokenizer=tokenizer, max_text_length=77, pad_to_max_length=False,
-                                  **_default_image_settings("clip", 224))
-    return ContrastiveModel(net, "clip"), preprocessing
+    if len(tokenizer) > shape.text["vocab_size"]:
+        raise ModelLoadError(f"{name}: the offline tokenizer has {len(tokenizer)} tokens, more than the "
+                             f"model's vocabulary of {shape.text['vocab_size']}")
+    special = {"bos_token_id": tokenizer.cls_token_id, "eos_token_id": tokenizer.sep_token_id,
+               "pad_token_id": tokenizer.pad_token_id}
+    model_class = transformers.CLIPModel if shape.family == "clip" else transformers.SiglipModel
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        net = model_class(shape.transformers_config(special))
+    preprocessing = Preprocessing(tokenizer=tokenizer, max_text_length=shape.text_context,
+                                  pad_to_max_length=shape.family == "siglip",
+                                  **_default_image_settings(shape.family, shape.image_size))
+    return ContrastiveModel(net, shape.family), preprocessing

@@ -24,6 +24,7 @@ from cliptune.config import ConfigError, LoraSettings, ModelConfig
 from cliptune.data.preprocessing import Preprocessing
 from cliptune.models.contrastive import ContrastiveModel, load_model
 from cliptune.models.fast_lora import use_fast_lora
+from cliptune.models.random_shapes import is_random_model
 
 TOWER_PREFIXES = {"vision": "vision_model", "text": "text_model"}
 PROJECTIONS = {"clip": ["visual_projection", "text_projection"], "dual": ["visual_projection", "text_projection"]}
@@ -128,6 +129,14 @@ def apply_lora(model: ContrastiveModel, settings: LoraSettings) -> ParameterCoun
     for param in scale_params:
         param.requires_grad_(settings.train_logit_scale)
     return count_parameters(model.net)
+
+
+def count_adapted_parameters(model_cfg: ModelConfig, settings: LoraSettings) -> ParameterCount:
+    """What `apply_lora` reports for this model and these settings, without a model to train (a dry
+    run): a `random:` shape is built on the meta device, so counting ViT-L/14 or so400m takes no
+    memory and seconds; a hub id or folder is loaded as training would load it."""
+    model, _ = load_model(model_cfg, on_meta=is_random_model(model_cfg.name))
+    return apply_lora(model, settings)
 
 
 def save_adapter(model: ContrastiveModel, out_dir: Path) -> None:
