@@ -54,6 +54,8 @@ _EIGHT_GPUS = "8 processes, one per GPU: needs 8 GPUs (tests/test_distributed.py
 _TWO_MACHINES = "two machines x 8 GPUs and a master at 10.0.0.1 (not loopback)"
 _VIT_B32 = ("times ViT-B/32 shapes (random:clip-vit-b-32, 151M parameters): minutes on 2 cores even with --short; "
             "tests/test_bench.py runs `cliptune bench --short` on a tiny CLIP")
+_LOAD = ("12 s of load on a server in its own process (a new Python process, not `cliptune`); "
+         "tests/test_serve.py runs the same benchmark with 2 clients x 1 s and checks it has no errors")
 EXEMPT: dict[str, str] = {
     "bash scripts/setup.sh && .venv/bin/cliptune demo":
         "creates .venv with pip (network, minutes) and trains the packaged towers for 4 minutes; "
@@ -70,6 +72,14 @@ EXEMPT: dict[str, str] = {
     "cliptune bench --data.path ../shared/data/coco-mini --sweep": _VIT_B32 + "; torch.compile alone took 312 s",
     "cliptune bench --data.path ../shared/data/coco-mini --train.device cuda --train.micro_batch_size 256":
         "needs a CUDA GPU",
+    "cliptune serve coco.index": "a server that runs until Ctrl-C; tests/test_serve.py and tests/test_browser.py run "
+                                 "it (uvicorn on a loopback port) over a tiny ONNX index",
+    "python benchmarks/serve_load.py coco.index --clients 8 --seconds 10 --captions "
+    "../shared/data/coco-mini/captions_val.json": _LOAD,
+    "python benchmarks/serve_load.py coco.index --clients 8 --seconds 10 --captions "
+    "../shared/data/coco-mini/captions_val.json --thumbs": _LOAD,
+    "python scripts/serve_screenshot.py coco.index --query a dog --out docs/images/serve.png":
+        "needs Debian's chromium, and writes into the repository; tests/test_browser.py drives the same page",
 }
 
 
@@ -378,8 +388,10 @@ def test_doc_command_runs(command: DocCommand, workspaces, monkeypatch):
 def test_export_folder_holds_what_deploy_md_lists(workspaces, monkeypatch):
     """Every path in the first column of docs/deploy.md's export-folder table is in the folder its
     `cliptune export` commands wrote."""
-    exports = [c for c in ALL_COMMANDS if c.doc == "docs/deploy.md" and c.argv[:2] == ("cliptune", "export")]
-    assert exports, "docs/deploy.md has no `cliptune export` command any more"
+    # The export that writes every kind of file the table lists (int8 encoders too).
+    exports = [c for c in ALL_COMMANDS if c.doc == "docs/deploy.md" and c.argv[:2] == ("cliptune", "export")
+               and "--int8" in c.argv]
+    assert exports, "docs/deploy.md has no `cliptune export ... --int8` command any more"
     workspace = workspaces("docs/deploy.md", monkeypatch)
     last = exports[-1]
     _run_earlier(workspace, last)

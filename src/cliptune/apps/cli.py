@@ -161,6 +161,23 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=5, help="number of results (default: 5)")
     search.set_defaults(handler=commands.search, parser=search)
 
+    serve = sub.add_parser("serve", help="a search page and JSON API over an index (FastAPI on uvicorn)",
+                           description="Serve an index: a search page at http://HOST:PORT/ and a JSON API "
+                           "(/api/search, /api/similar, /openapi.json). Binds 127.0.0.1; another address needs "
+                           "--token. A rebuilt index (cliptune index ... --out INDEX) is picked up without a restart.")
+    serve.add_argument("index", help="index folder from `cliptune index`")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only; "
+                       "any other needs --token)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    serve.add_argument("--token", help="require `Authorization: Bearer TOKEN` on the API and files (or set "
+                       "CLIPTUNE_TOKEN, which other users cannot read from the process list); open the page once "
+                       "as /?token=TOKEN")
+    serve.add_argument("--max-upload-mb", type=float, default=10.0, help="largest query photo, in MB (default: 10)")
+    serve.add_argument("--max-k", type=int, default=100, help="most results one query may ask for (default: 100)")
+    serve.add_argument("--thumbnails", help="thumbnail cache folder (default: INDEX/thumbnails)")
+    _add_config_flags(serve, ("data.max_image_pixels",))
+    serve.set_defaults(handler=commands.serve, parser=serve)
+
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     download = data_sub.add_parser("download", help="fetch a dataset from the Hugging Face hub and lay it out")
@@ -212,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         "data.num_workers": "DataLoader workers of cliptune's end-to-end path. (default: 0)"})
     bench.set_defaults(handler=commands.bench, parser=bench)
 
-    for command in (train, evaluate, demo, export, index, search, download, cache, pack, unpack, bench):
+    for command in (train, evaluate, demo, export, index, search, serve, download, cache, pack, unpack, bench):
         # Also after the subcommand (`cliptune train ... -v`); SUPPRESS keeps a top-level -v.
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="as cliptune -v")
@@ -291,6 +308,18 @@ def configure_output(verbose: bool, libraries: bool = True) -> None:
             enable_progress_bars()  # ...whose download bars a user waiting on a download wants
 
 
+def _index_embeds_with_onnx(index_dir: str) -> bool:
+    """Whether an index's meta.json names the ONNX embedder: then serving it needs neither torch nor
+    transformers, and the server starts without importing them."""
+    import json
+
+    try:
+        meta = json.loads((Path(index_dir) / "meta.json").read_text(encoding="utf-8"))
+        return meta["embedder"]["kind"] == "onnx"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # not an index: `serve` says so itself
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -299,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             args.parser.error(_unknown_message(args.parser, unknown))
     except SystemExit as stop:  # argparse's usage errors (2) and --help (0), already printed
         return int(stop.code or 0)
-    light = args.command in ("search", "data") or (args.command == "index" and args.onnx)
+    light = (args.command in ("search", "data") or (args.command == "index" and args.onnx)
+             or (args.command == "serve" and _index_embeds_with_onnx(args.index)))
     configure_output(args.verbose, libraries=not light)
     try:
         return args.handler(args, _config_overrides(args))

@@ -173,6 +173,30 @@ def search(args: argparse.Namespace, given: dict[str, Any]) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace, given: dict[str, Any]) -> int:
+    import os
+
+    from cliptune.deploy.serve import ServeOptions, create_app, uvicorn_config
+    from cliptune.extras import require
+
+    uvicorn = require("uvicorn", "search", "the search server (cliptune serve)")
+    if not (Path(args.index) / "meta.json").is_file():
+        raise UsageError(f"serve: {args.index}: not an index (no meta.json); build one with `cliptune index`")
+    config = load_config(None, given)
+    options = ServeOptions(host=args.host, port=args.port, token=args.token or os.environ.get("CLIPTUNE_TOKEN"),
+                           max_upload_mb=args.max_upload_mb, max_k=args.max_k,
+                           default_k=min(ServeOptions.default_k, max(args.max_k, 1)),
+                           max_image_pixels=config.data.max_image_pixels,
+                           thumbnail_dir=Path(args.thumbnails) if args.thumbnails else None)
+    app = create_app(Path(args.index), options)
+    host = f"[{options.host}]" if ":" in options.host else options.host
+    print(f"serving {len(app.state.live_index.current().listed)} photos of {args.index} at "
+          f"http://{host}:{options.port}/" + ("  (open it once as /?token=<your token>)" if options.token else "")
+          + "; Ctrl-C stops", flush=True)
+    uvicorn.Server(uvicorn_config(app, options.host, options.port, "info" if args.verbose else "warning")).run()
+    return 0
+
+
 def data_download(args: argparse.Namespace, given: dict[str, Any]) -> int:
     from cliptune.apps.download import download_flickr30k
 
