@@ -211,17 +211,22 @@ def build_parser() -> argparse.ArgumentParser:
     unpack.set_defaults(handler=commands.data_unpack, parser=unpack)
 
     bench = sub.add_parser("bench", help="speed of cliptune's path beside the naive loop, as one JSON object",
-                           usage="cliptune bench --data.path PATH [--short] [--steps N] [--sweep] [--trainer-only] [--cache-size N] "
-                           "[--section.key VALUE ...]")
+                           usage="cliptune bench --data.path PATH [--short] [--steps N] [--sweep] [--trainer-only] "
+                           "[--loader-only] [--cache-size N] [--section.key VALUE ...]")
     bench.add_argument("--short", action="store_true", help="tiny step counts (a smoke test, < 1 min on a CPU)")
     bench.add_argument("--steps", type=int, default=None,
                        help="timed steps per measurement (default 6; 1 with --short)")
     bench.add_argument("--sweep", action="store_true", help="also time channels-last and torch.compile")
     bench.add_argument("--trainer-only", action="store_true",
                        help="only the seed notebook's loop vs cliptune's Trainer (exact and plain accumulation)")
+    bench.add_argument("--loader-only", action="store_true",
+                       help="only the input pipeline, no model: pairs/s per DataLoader worker from JPEGs, the image "
+                       "cache, and the cache + device augmentation, and the workers 10k pairs/s needs")
     bench.add_argument("--cache-size", type=int, default=None, help="side of the cached squares (default input*8/7)")
-    _add_config_flags(bench, ("model.name", "data.path", "train.device", "train.micro_batch_size",
+    _add_config_flags(bench, ("model.name", "data.path", "data.cache_dir", "train.device", "train.micro_batch_size",
                               "train.eval_batch_size", "data.num_workers", "lora.*"), helps={
+        "data.cache_dir": "With --loader-only: an image cache whose rows are the squares device augmentation "
+                          "starts from. (default: a temporary one at --cache-size)",
         "model.name": "CLIP model to time. (default: random:clip-vit-b-32, ViT-B/32 shapes with random weights)",
         "data.path": "Annotations whose train split is timed, or a folder with COCO's captions_train.json "
                      "and its images (the README's figures: ../shared/data/coco-mini). (required)",

@@ -263,6 +263,10 @@ def bench(args: argparse.Namespace, given: dict[str, Any]) -> int:
 
     from cliptune.apps.bench import BenchOptions, run_bench
 
+    if args.loader_only:
+        return bench_loader(args, given)
+    if "data.cache_dir" in given:
+        raise UsageError("bench: --data.cache_dir is read with --loader-only only")
     own = BenchOptions()  # the bench's defaults differ from a training run's where noted in --help
     config = load_config(None, {"model.name": own.model, "train.device": own.device,
                                 "train.micro_batch_size": own.batch, "train.eval_batch_size": own.eval_batch,
@@ -274,4 +278,27 @@ def bench(args: argparse.Namespace, given: dict[str, Any]) -> int:
                            steps=args.steps, short=args.short, sweep=args.sweep, cache_size=args.cache_size,
                            workers=config.data.num_workers, lora=config.lora, trainer_only=args.trainer_only)
     print(json.dumps(run_bench(options), indent=2))
+    return 0
+
+
+def bench_loader(args: argparse.Namespace, given: dict[str, Any]) -> int:
+    """`cliptune bench --loader-only`: the input pipeline alone (`cliptune.apps.bench_loader`)."""
+    import json
+
+    from cliptune.apps.bench_loader import LoaderBenchOptions, run_loader_bench
+
+    if args.trainer_only or args.sweep or args.steps is not None:
+        raise UsageError("bench --loader-only times the input pipeline only: --trainer-only, --sweep and --steps "
+                         "do not apply")
+    own = LoaderBenchOptions()
+    config = load_config(None, {"model.name": own.model, "train.device": own.device,
+                                "train.micro_batch_size": own.batch, "data.num_workers": 1, **given})
+    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else None
+    if cache_dir is not None and args.cache_size is not None:
+        raise UsageError("bench --loader-only: give --data.cache_dir or --cache-size, not both")
+    options = LoaderBenchOptions(model=config.model.name, data=Path(config.data.path) if config.data.path else None,
+                                 device=config.train.device, batch=config.train.micro_batch_size,
+                                 workers=tuple(sorted({0, 1, config.data.num_workers})), short=args.short,
+                                 cache_dir=cache_dir, cache_size=args.cache_size)
+    print(json.dumps(run_loader_bench(options), indent=2))
     return 0

@@ -7,13 +7,15 @@ resumed run see exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from tqdm.auto import tqdm
 
 from cliptune.data.images import ImageError, ImageTransform, open_rgb
@@ -63,13 +65,15 @@ def tokenize_captions(records: list[ImageCaptions], preprocessing: Preprocessing
 
 def pad_token_batch(sequences: list[list[int]], pad_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence (or `length`): (B, L) input_ids and attention_mask."""
-    width = length or max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        attention_mask[row, : len(sequence)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+    lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
+    width = length or int(lengths.max())
+    if lengths.max() > width:
+        raise ValueError(f"a sequence of {lengths.max()} tokens does not fit the padded length {width}")
+    # One pass over all tokens: a torch.tensor per caption cost as much as copying the batch's pixels.
+    mask = np.arange(width) < lengths[:, None]  # (B, L): row-major True cells are each row's first tokens
+    input_ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
+    input_ids[mask] = np.fromiter(itertools.chain.from_iterable(sequences), dtype=np.int64, count=int(lengths.sum()))
+    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
 
 
 def scan_images(records: list[ImageCaptions], max_pixels: int, workers: int = 4,
@@ -155,7 +159,10 @@ def decode_pixels(path, transform: ImageTransform, max_pixels: int, image_source
     augmenting = transform.augment is not None and rng is not None
     if image_source is not None:
         if not augmenting and image_source.exact_for(transform):
-            return torch.from_numpy(image_source.get_array(path)).permute(2, 0, 1).contiguous()
+            # A (3, S, S) view of the (S, S, 3) row, not a channels-first copy: de-interleaving the
+            # channels costs several times the copy itself, and `PairCollator` stacks such rows as they
+            # are (the batch is then channels-last in memory; the device reorders it for free).
+            return torch.from_numpy(image_source.get_array(path)).permute(2, 0, 1)
         image = image_source.get_pil(path)
     else:
         image = open_rgb(path, max_pixels, draft_size=transform.size * 2 if augmenting else None)
@@ -204,6 +211,17 @@ class PairDataset(Dataset):
         }
 
 
+def stack_pixels(pixels: list[torch.Tensor]) -> torch.Tensor:
+    """(3, H, W) uint8 images -> (B, 3, H, W). Images that are channels-last in memory (cache rows, see
+    `decode_pixels`) are stacked as (B, H, W, 3), a plain copy each, and viewed as (B, 3, H, W).
+    `default_collate` stacks straight into shared memory in a DataLoader worker (one copy fewer than
+    pickling a batch made elsewhere)."""
+    rows = [p.permute(1, 2, 0) for p in pixels]
+    if all(row.is_contiguous() for row in rows):
+        return default_collate(rows).permute(0, 3, 1, 2)
+    return default_collate(pixels)
+
+
 class PairCollator:
     """Stacks pixels, pads captions to the batch's longest (SigLIP: to its fixed length), drops unreadable items."""
 
@@ -217,7 +235,7 @@ class PairCollator:
             return batch
         length = self.captions.max_length if self.captions.pad_to_max_length else None
         batch.update(pad_token_batch([item["tokens"] for item in good], self.captions.pad_token_id, length))
-        batch["pixels"] = torch.stack([item["pixels"] for item in good])  # (B, 3, H, W) uint8
+        batch["pixels"] = stack_pixels([item["pixels"] for item in good])  # (B, 3, H, W) uint8
         batch["image_ids"] = torch.tensor([item["image_index"] for item in good], dtype=torch.long)
         return batch
 

@@ -203,6 +203,7 @@ class ImageCache:
         self.bad = bad
         self.done = done
         self._images: np.memmap | None = None
+        self._exact: dict[tuple, bool] = {}
 
     @classmethod
     def open(cls, cache_dir: str | os.PathLike, expect: ImageTransform | None = None) -> ImageCache:
@@ -236,7 +237,10 @@ class ImageCache:
 
     def exact_for(self, transform: ImageTransform) -> bool:
         """True when a row is exactly `transform`'s output (un-augmented), so it can be used as is."""
-        return self.mismatch(transform) is None
+        key = (transform.size, transform.rule)  # asked once an image: remembered (a few % of a cached read)
+        if key not in self._exact:
+            self._exact[key] = self.mismatch(transform) is None
+        return self._exact[key]
 
     def __len__(self) -> int:
         return len(self.rows)

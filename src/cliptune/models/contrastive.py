@@ -92,6 +92,25 @@ def load_model(cfg: ModelConfig, on_meta: bool = False) -> tuple[ContrastiveMode
     if on_meta:
         raise ValueError(f"load_model(on_meta=True): only random: models build on the meta device, "
                          f"not {cfg.name!r}")
+    name, kwargs, config = _model_config(cfg)
+    family, model_class = _family(config, name)
+    net = model_class.from_pretrained(name, **kwargs)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name, **kwargs)
+    return ContrastiveModel(net, family), _preprocessing(name, family, net.config, tokenizer, kwargs)
+
+
+def load_preprocessing(cfg: ModelConfig) -> Preprocessing:
+    """The preprocessing `load_model` would return, without building the model or reading its weights
+    (what a loader needs: `cliptune bench --loader-only`)."""
+    if is_random_model(cfg.name):
+        return _random_model(cfg.name, on_meta=True)[1]  # shapes only: no memory, no values
+    name, kwargs, config = _model_config(cfg)
+    family, _ = _family(config, name)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name, **kwargs)
+    return _preprocessing(name, family, config, tokenizer, kwargs)
+
+
+def _model_config(cfg: ModelConfig) -> tuple[str, dict, transformers.PretrainedConfig]:
     name = cfg.name
     if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise ModelLoadError(f"model.name: folder {name!r} does not exist")
@@ -99,13 +118,9 @@ def load_model(cfg: ModelConfig, on_meta: bool = False) -> tuple[ContrastiveMode
     import cliptune.models.dual_encoder  # noqa: F401  registers the composed model type with AutoConfig
 
     try:
-        config = transformers.AutoConfig.from_pretrained(name, **kwargs)
+        return name, kwargs, transformers.AutoConfig.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"model.name: cannot load a model config from {name!r}: {err}") from err
-    family, model_class = _family(config, name)
-    net = model_class.from_pretrained(name, **kwargs)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(name, **kwargs)
-    return ContrastiveModel(net, family), _preprocessing(name, family, net.config, tokenizer, kwargs)
 
 
 def _family(config, name: str) -> tuple[str, type]:

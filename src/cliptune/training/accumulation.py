@@ -39,11 +39,17 @@ class MicroBatch(NamedTuple):
     image_ids: torch.Tensor  # (B,) long; equal ids = the same image, positives of each other
 
     @classmethod
-    def on_device(cls, batch: dict, preprocessing: Preprocessing, device: torch.device) -> MicroBatch:
-        """A loader's micro-batch (uint8 pixels, see data/batches.py) as model inputs on `device`."""
-        pixels = preprocessing.normalize(batch["pixels"].to(device, non_blocking=True))
-        return cls(pixels, batch["input_ids"].to(device, non_blocking=True),
-                   batch["attention_mask"].to(device, non_blocking=True), batch["image_ids"].to(device))
+    def on_device(cls, batch: dict, preprocessing: Preprocessing, device: torch.device,
+                  augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> MicroBatch:
+        """A loader's micro-batch (uint8 pixels, see data/batches.py) as model inputs on `device`.
+        The pixels travel as uint8 (pinned by the loader on CUDA, so the copy overlaps); `augment`
+        (device augmentation) turns them into the model's input size, still uint8, before normalising."""
+        pixels = batch["pixels"].to(device, non_blocking=True)
+        if augment is not None:
+            pixels = augment(pixels)
+        return cls(preprocessing.normalize(pixels), batch["input_ids"].to(device, non_blocking=True),
+                   batch["attention_mask"].to(device, non_blocking=True),
+                   batch["image_ids"].to(device, non_blocking=True))
 
 
 class _RngReplay:

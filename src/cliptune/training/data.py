@@ -36,6 +36,7 @@ from cliptune.data.batches import (
     step_micro_batches,
     tokenize_captions,
 )
+from cliptune.data.device_augment import source_size, source_transform
 from cliptune.data.preprocessing import Preprocessing
 from cliptune.data.readers import DataError, ImageCaptions, SplitProblems, read_split
 from cliptune.data.shards import ShardStats, materialize_webdataset
@@ -167,6 +168,17 @@ class TrainingData:
                          f"{self.captions.max_length} tokens and were truncated.")
         return notes
 
+    @property
+    def augments_on_device(self) -> bool:
+        """The loader ships un-augmented squares and the Trainer augments them on the device."""
+        augment = self.config.data.augment
+        return augment.on_device and augment.enabled
+
+    @property
+    def device_source_size(self) -> int:
+        """Side of the squares the loader ships for device augmentation: the cache's, else input * 8/7."""
+        return source_size(self.preprocessing.image_size, self.image_source.size if self.image_source else None)
+
     def loader(self, epoch: int, start_step: int) -> DataLoader:
         """This rank's micro-batches of `epoch` from optimizer step `start_step` on, in order: a pure
         function of (seed, epoch, step, rank), so a resumed run sees the batches an uninterrupted one would."""
@@ -174,9 +186,12 @@ class TrainingData:
             raise RuntimeError("TrainingData.read only plans; TrainingData.load gives batches")
         cfg = self.config
         augment = cfg.data.augment
-        augmenting = augment.random_resized_crop or augment.color_jitter > 0 or augment.horizontal_flip
-        # No augmentation asked for: a transform without one lets cached pixels skip PIL entirely.
-        transform = self.preprocessing.image_transform(augment if augmenting else None)
+        if self.augments_on_device:
+            # Un-augmented squares: the Trainer augments them on the device (DeviceAugment).
+            transform = source_transform(self.preprocessing.resize_rule, self.device_source_size)
+        else:
+            # No augmentation asked for: a transform without one lets cached pixels skip PIL entirely.
+            transform = self.preprocessing.image_transform(augment if augment.enabled else None)
         workers = cfg.data.num_workers
         common = dict(num_workers=workers, pin_memory=self.pin_memory, persistent_workers=False,
                       prefetch_factor=4 if workers > 0 else None)

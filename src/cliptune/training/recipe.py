@@ -11,10 +11,12 @@ stopping.py (signals, `TrainingError`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cliptune.config import RunConfig, save_config
+from cliptune.data.device_augment import DeviceAugment, augment_seed
 from cliptune.data.preprocessing import Preprocessing
 from cliptune.data.readers import ImageCaptions
 from cliptune.evaluation.embedding import autocast_context
@@ -70,6 +73,7 @@ class Trainer:
         self.run_log = RunLog(self.accelerator, self.output_dir)
         self.model: ContrastiveModel | None = None
         self.data: TrainingData | None = None
+        self._augmenter: DeviceAugment | None = None  # made on first use, with data.augment.on_device
         self.counters = Counters()
 
     def setup_model(self) -> ParameterCount:
@@ -153,11 +157,23 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict]) -> torch.Tensor:
         """Forward + backward over one optimizer step's micro-batches; returns the loss (detached)."""
-        inputs = [MicroBatch.on_device(batch, self.preprocessing, self.device) for batch in micro_batches]
+        inputs = [MicroBatch.on_device(batch, self.preprocessing, self.device, self._device_augment(i))
+                  for i, batch in enumerate(micro_batches)]
         loss = self._batch_loss if self.accelerator.num_processes == 1 else across_ranks(self._batch_loss)
         return accumulate_gradients(inputs, self._encode, loss, exact=self.config.train.accumulation == "exact",
                                     device=self.device, scale=self.scaler.scale if self.scaler is not None else None,
                                     no_sync=None if self.ddp_model is self.model else self.ddp_model.no_sync)
+
+    def _device_augment(self, micro: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Micro-batch `micro` of this step's augmentation on the device (`data.augment.on_device`), or None.
+        Its draws are a function of (seed, step, micro-batch, rank), so a resumed run augments alike."""
+        if self.data is None or not self.data.augments_on_device:
+            return None
+        if self._augmenter is None:
+            self._augmenter = DeviceAugment(self.config.data.augment, self.preprocessing.image_size,
+                                            self.preprocessing.resize_rule)
+        seed = augment_seed(self.config.train.seed, "device-augment", self.step, micro, self.accelerator.process_index)
+        return functools.partial(self._augmenter, generator=torch.Generator().manual_seed(seed))
 
     def _encode(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         with autocast_context(self.device, self.precision):
