@@ -51,6 +51,8 @@ SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
 # joined, comments dropped, words separated by one space). Keep this small: prefer making the
 # environment fit the command.
 _EIGHT_GPUS = "8 processes, one per GPU: needs 8 GPUs (tests/test_distributed.py runs the same DDP code in 2 gloo processes)"
+_EIGHT_GPUS_INDEX = ("8 processes, one per GPU: needs 8 GPUs (tests/test_index.py runs `torchrun --nproc_per_node 2 "
+                     "-m cliptune index` on CPU with gloo)")
 _TWO_MACHINES = "two machines x 8 GPUs and a master at 10.0.0.1 (not loopback)"
 _VIT_B32 = ("times ViT-B/32 shapes (random:clip-vit-b-32, 151M parameters): minutes on 2 cores even with --short; "
             "tests/test_bench.py runs `cliptune bench --short` on a tiny CLIP")
@@ -67,6 +69,11 @@ EXEMPT: dict[str, str] = {
     "train --config configs/flickr30k_vitb32_lora.yaml": _TWO_MACHINES,
     "accelerate launch --num_machines 2 --machine_rank 0 --main_process_ip 10.0.0.1 --main_process_port 29500 "
     "--num_processes 16 -m cliptune train --config configs/flickr30k_vitb32_lora.yaml": _TWO_MACHINES,
+    "torchrun --nproc_per_node 8 -m cliptune index ~/Pictures --out pics.index --model.name BASE": _EIGHT_GPUS_INDEX,
+    "accelerate launch --num_processes 8 -m cliptune index ~/Pictures --out pics.index --model.name BASE":
+        _EIGHT_GPUS_INDEX,
+    "python benchmarks/ann.py": "builds exact, IVF and HNSW indexes of up to 1M 512-d vectors: most of an hour on "
+                                "2 cores; tests/test_index.py runs `python benchmarks/ann.py --short`",
     "cliptune bench --data.path ../shared/data/coco-mini --steps 10": _VIT_B32,
     "cliptune bench --data.path ../shared/data/coco-mini --short": _VIT_B32,
     "cliptune bench --data.path ../shared/data/coco-mini --sweep": _VIT_B32 + "; torch.compile alone took 312 s",

@@ -92,11 +92,23 @@ def test_resume_reuses_finished_shards(photos, tmp_path):
     assert second.images_embedded == 2  # only the last shard
     fresh = Index.build(photos, tmp_path / "fresh", ColourEmbedder(), shard_size=4, progress=False)
     assert resumed.paths == fresh.paths
-    # a changed folder invalidates the shards instead of misaligning them
+    assert np.array_equal(np.load(tmp_path / "index" / "embeddings.npy"),
+                          np.load(tmp_path / "fresh" / "embeddings.npy"))
+    assert resumed.update.resumed == 8 and resumed.update.added == 10
+    assert not (tmp_path / "index" / "parts").exists()  # a finished build leaves no parts behind
+
+
+def test_resume_after_the_folder_changed_keeps_the_finished_shards(photos, tmp_path):
+    # Parts are keyed by each photo's path, size and mtime_ns, not by the file list: a photo added
+    # while a build was interrupted costs one embedding, not the whole folder again.
+    with pytest.raises(InterruptedError):
+        Index.build(photos, tmp_path / "index", ColourEmbedder(), shard_size=4, progress=False, max_shards=2)
     Image.new("RGB", (30, 30), (1, 2, 3)).save(photos / "aaa-new.png")
-    third = ColourEmbedder()
-    Index.build(photos, tmp_path / "index", third, shard_size=4, progress=False)
-    assert third.images_embedded == len(COLOURS) + 1
+    second = ColourEmbedder()
+    resumed = Index.build(photos, tmp_path / "index", second, shard_size=4, progress=False)
+    fresh = Index.build(photos, tmp_path / "fresh", ColourEmbedder(), shard_size=4, progress=False)
+    assert resumed.paths == fresh.paths and len(resumed.paths) == len(COLOURS) + 1
+    assert second.images_embedded == 3  # the new photo and the 2 the interrupted build had not reached
 
 
 @pytest.mark.parametrize("approximate", ["hnsw", "ivf"])

@@ -1,10 +1,15 @@
-"""Gathers across processes (DDP ranks), for training's global-batch loss and sharded evaluation.
+"""Gathers across processes (DDP ranks), for training's global-batch loss and sharded evaluation;
+and the launched processes of a distributed `cliptune index` (`LaunchedRanks`).
 
-Every function is the identity in a single process, so callers need no `if distributed` branch.
+Every gather is the identity in a single process, so callers need no `if distributed` branch.
 Ranks may hold different numbers of rows (a micro-batch that lost an unreadable image).
 """
 
 from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -67,3 +72,43 @@ def gather_rows(tensor: torch.Tensor, sizes: list[int] | None = None) -> torch.T
         return tensor
     return _gather_padded(tensor.contiguous(), sizes or gather_sizes(len(tensor), tensor.device))
 
+
+
+# -- processes that only coordinate (a distributed `cliptune index`) ---------------------------------
+
+class LaunchedRanks:
+    """The processes `torchrun` / `accelerate launch` started (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the
+    environment), joined in a gloo process group to agree on a plan and wait for each other
+    (`cliptune.deploy.index.Ranks`).
+
+    gloo also on GPUs: what crosses is a pickled list of file names and a barrier, no tensors, and
+    NCCL's watchdog would end a barrier that waits on a slower rank's share of the embedding.
+    """
+
+    # A rank waits at the barrier until the slowest has embedded its share: hours for millions of
+    # photos. A rank that dies is noticed by the launcher, which stops the others.
+    TIMEOUT = timedelta(hours=24)
+
+    def __init__(self) -> None:
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=self.TIMEOUT)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    def share(self, value: Any) -> Any:
+        objects = [value]
+        dist.broadcast_object_list(objects, src=0)
+        return objects[0]
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        dist.destroy_process_group()
+
+
+def rank_device(name: str) -> str:
+    """`train.device` for this process of a launched job: `auto` and `cuda` mean its own GPU
+    (`cuda:LOCAL_RANK`) where there are GPUs, as torchrun numbers them; anything else as given."""
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return name

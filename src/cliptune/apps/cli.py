@@ -144,12 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = sub.add_parser("index", help="embed a photo folder (recursively) into a searchable FAISS index")
     index.add_argument("photos", help="folder of photos")
-    index.add_argument("--out", required=True, help="index folder (resumes an interrupted build)")
+    index.add_argument("--out", required=True, help="index folder; one indexed before is updated: new and changed "
+                       "photos embedded, deleted ones dropped, the rest re-used (an interrupted build resumes)")
     index.add_argument("--adapter", help="adapter folder on top of --model.name")
     index.add_argument("--onnx", help="ONNX export folder (onnxruntime, no torch)")
     index.add_argument("--int8", action="store_true", help="with --onnx: use the int8 encoders")
     index.add_argument("--approximate", choices=["hnsw", "ivf"], help="approximate index (default exact)")
-    index.add_argument("--shard-size", type=int, default=256, help="images per resumable shard (default: 256)")
+    index.add_argument("--nprobe", type=int, help="with --approximate ivf: lists searched per query, kept in "
+                       "meta.json (default: 32; more finds more of the true best, slower)")
+    index.add_argument("--shard-size", type=int, default=256,
+                       help="images per resumable shard; under torchrun shard i goes to rank i %% world size "
+                       "(default: 256)")
     _add_config_flags(index, ("model.name", "train.device", "train.eval_batch_size"), helps={
         "model.name": "Base model or merged export folder, run with PyTorch (or give --onnx). (default: none)"})
     index.set_defaults(handler=commands.index, parser=index)

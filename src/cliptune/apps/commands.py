@@ -134,7 +134,8 @@ def export(args: argparse.Namespace, given: dict[str, Any]) -> int:
 
 def index(args: argparse.Namespace, given: dict[str, Any]) -> int:
     from cliptune.deploy.embedders import OnnxEmbedder, TorchEmbedder
-    from cliptune.deploy.index import Index
+    from cliptune.deploy.index import build_index, launched_world_size
+    from cliptune.deploy.vector_index import AnnSettings
 
     if ("model.name" in given) == bool(args.onnx):
         raise UsageError("index: give either --model.name (with optional --adapter) or --onnx")
@@ -143,19 +144,45 @@ def index(args: argparse.Namespace, given: dict[str, Any]) -> int:
                          "adapter merged in and runs on onnxruntime's CPU provider")
     if args.int8 and not args.onnx:
         raise UsageError("index --int8: the int8 encoders are ONNX ones; add --onnx (an export made with --int8)")
+    if args.nprobe is not None and args.approximate != "ivf":
+        raise UsageError(f"index --nprobe {args.nprobe}: the lists an IVF index searches; add --approximate ivf")
     if not Path(args.photos).expanduser().is_dir():  # Index.build checks it too, after the model has loaded
         raise UsageError(f"index: {args.photos}: no such folder of photos")
+    ann = AnnSettings(args.approximate, nprobe=args.nprobe)
+    world = launched_world_size()
+    if world > 1 and args.onnx:
+        # onnxruntime embeds on the CPU, where one process already keeps every core busy; spreading it
+        # over processes would need a barrier without torch (which the torch-free install lacks).
+        raise UsageError(f"index --onnx under a launcher ({world} processes): the ONNX embedder runs on the CPU, "
+                         "which one process already keeps busy; run `cliptune index --onnx` as one process, "
+                         "or use --model.name to spread the photos over GPUs")
     config = load_config(None, given)
-    batch = config.train.eval_batch_size
-    if args.onnx:
-        embedder = OnnxEmbedder(Path(args.onnx), quantized=args.int8, batch_size=batch)
-    else:
-        embedder = TorchEmbedder(config.model.name, args.adapter, device=config.train.device, batch_size=batch)
-    index = Index.build(Path(args.photos), Path(args.out), embedder, approximate=args.approximate,
-                        shard_size=args.shard_size)
-    skipped = index.meta["skipped"]
-    print(f"indexed {len(index.paths)} photos into {args.out} ({index.meta['dim']}-d, "
-          f"{args.approximate or 'exact'}); {len(skipped)} unreadable skipped")
+    batch, device, ranks = config.train.eval_batch_size, config.train.device, None
+    if world > 1:
+        from cliptune.distributed import LaunchedRanks, rank_device
+
+        ranks, device = LaunchedRanks(), rank_device(device)
+    try:
+        if args.onnx:
+            embedder = OnnxEmbedder(Path(args.onnx), quantized=args.int8, batch_size=batch)
+        else:
+            embedder = TorchEmbedder(config.model.name, args.adapter, device=device, batch_size=batch)
+        index = build_index(Path(args.photos), Path(args.out), embedder, ann, shard_size=args.shard_size,
+                            ranks=ranks)
+    finally:
+        if ranks is not None:
+            ranks.close()
+    if index is None:  # another rank of a distributed build: rank 0 reports
+        return 0
+    update, skipped = index.update, index.meta["skipped"]
+    print(f"indexed {update.describe()}")
+    if update.resumed:
+        print(f"  {update.resumed} of them embedded by an interrupted build before this one")
+    if len(update.embedded_by_rank) > 1:
+        print(f"  embedded on {len(update.embedded_by_rank)} processes: "
+              f"{' + '.join(map(str, update.embedded_by_rank))} photos")
+    print(f"index: {args.out} ({index.meta['dim']}-d, {ann.describe(index.faiss_index)}); "
+          f"{len(skipped)} unreadable skipped")
     for item in skipped[:10]:
         print(f"  skipped {item['reason']}")
     return 0
