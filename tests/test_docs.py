@@ -87,6 +87,12 @@ EXEMPT: dict[str, str] = {
     "../shared/data/coco-mini/captions_val.json --thumbs": _LOAD,
     "python scripts/serve_screenshot.py coco.index --query a dog --out docs/images/serve.png":
         "needs Debian's chromium, and writes into the repository; tests/test_browser.py drives the same page",
+    "cliptune sweep --config configs/flickr30k_vitb32_lora.yaml --space configs/sweep_lora_space.yaml --out "
+    "runs/sweep_vitb32": "36 ViT-B/32 training runs on Flickr30k (a download and GPU-days); tests/test_sweep.py "
+    "runs sweeps on a tiny CLIP, and this doc's first command the same code on the tiny dual encoder",
+    "cliptune sweep --config configs/flickr30k_vitb32_lora.yaml --space configs/sweep_lora_space.yaml --storage "
+    "postgresql://sweeper:secret@db-host/sweeps --study vitb32-lora --out runs/sweep_vitb32":
+        "needs a PostgreSQL server on another host (and psycopg2); tests/test_sweep.py runs the SQLite storage",
 }
 
 

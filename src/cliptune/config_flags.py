@@ -82,6 +82,18 @@ def config_keys(cls: type | None = None, prefix: str = "") -> Iterator[ConfigKey
         yield ConfigKey(dotted, hints[f.name], default, docs.get(f.name, ""))
 
 
+def dotted_values(config: RunConfig) -> dict[str, Any]:
+    """Every leaf value of `config` by its dotted key: `load_config(None, dotted_values(c)) == c`, so a
+    config can be changed key by key (a sweep's trials) and validated again like a YAML file."""
+    values = {}
+    for key in config_keys():
+        node: Any = config
+        for part in key.dotted.split("."):
+            node = getattr(node, part)
+        values[key.dotted] = node
+    return values
+
+
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """Field name -> the string literal right after it in the class body (the attribute-docstring

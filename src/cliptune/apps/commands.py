@@ -329,3 +329,22 @@ def bench_loader(args: argparse.Namespace, given: dict[str, Any]) -> int:
                                  cache_dir=cache_dir, cache_size=args.cache_size)
     print(json.dumps(run_loader_bench(options), indent=2))
     return 0
+
+
+def sweep(args: argparse.Namespace, given: dict[str, Any]) -> int:
+    from cliptune.sweep.report import describe_params
+    from cliptune.sweep.space import load_space
+    from cliptune.sweep.study import SweepOptions, run_sweep
+
+    base = load_config(args.config, given)
+    options = SweepOptions(
+        base=base, space=load_space(args.space, base), out_dir=Path(args.out), objective=args.objective,
+        sampler=args.sampler, trials=args.trials, max_minutes=args.max_minutes, storage=args.storage,
+        study_name=args.study, classify_folder=Path(args.classify_folder) if args.classify_folder else None,
+        verbose=args.verbose)
+    result = run_sweep(options)
+    if result.best is not None:
+        print(f"best: trial {result.best.number} ({describe_params(result.best.params)}): "
+              f"{options.objective} {result.best.objective:.4g}")
+    print(f"table: {result.out_dir / 'trials.csv'} (and trials.json); report: {result.report} (and report.html)")
+    return 130 if result.stopped.startswith("interrupted") else 0

@@ -46,7 +46,7 @@ def missing_matplotlib() -> str | None:
     return None
 
 
-def _pyplot():
+def pyplot():
     """pyplot, imported when a figure is drawn: the report's tables need no matplotlib (an extra)."""
     matplotlib = require("matplotlib", "report", "the run report's figures")
     # Headless: reports are written on servers and in CI, where an interactive backend would fail.
@@ -78,7 +78,7 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 def plot_loss(history: list[dict], path: Path) -> str | None:
     """Train/val loss vs step with the learning rate on a twin axis; returns why it was skipped."""
-    plt = _pyplot()
+    plt = pyplot()
     train_steps, train_loss = _series(history, "train_loss")
     val_steps, val_loss = _series(history, "val_loss")
     lr_steps, lr = _series(history, "lr")
@@ -121,7 +121,7 @@ def plot_loss(history: list[dict], path: Path) -> str | None:
 
 def plot_recall(history: list[dict], results: dict[str, dict[str, float]], path: Path) -> str | None:
     """Validation R@K vs step when logged during training, else a bar chart of final recalls."""
-    plt = _pyplot()
+    plt = pyplot()
     curves = {key: _series(history, f"val_{key}") for key in RECALL_KEYS}
     curves = {key: xy for key, xy in curves.items() if xy[1]}
     if curves:
@@ -176,7 +176,7 @@ def _load_thumbnail(path: Path, size: int = 256) -> Image.Image | None:
 
 def plot_similarity(examples: list[ExampleRow], path: Path) -> str | None:
     """One row per example: the image, then its top captions as score bars (green = true)."""
-    plt = _pyplot()
+    plt = pyplot()
     if not examples:
         return "no example images were given"
     examples = examples[:MAX_EXAMPLES]

@@ -4,7 +4,8 @@
 `report.html` and three PNG figures beside them (plots.py). A figure whose data are absent is skipped
 with a line saying so, so that a zero-shot evaluation without training still gets a report.
 `write_run_report` does it for a finished training run (`RunSummary`). `format_metrics_table` and
-`format_results_for_terminal` give the side-by-side results table on its own.
+`format_results_for_terminal` give the side-by-side results table on its own; `write_page` writes
+any list of `Section`s as such a page (the sweep report).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def _decimals(key: str) -> int:
     return 3
 
 
-def _format_value(key: str, value: float | None) -> str:
+def format_value(key: str, value: float | None) -> str:
     if value is None:
         return "—"
     if isinstance(value, float) and math.isnan(value):
@@ -125,7 +126,7 @@ def _table_cells(results: dict[str, dict[str, float]],
         row = [key]
         for position, label in enumerate(labels):
             value = results[label].get(key)
-            row.append(_format_value(key, value))
+            row.append(format_value(key, value))
             if position > 0:
                 row.append(_format_delta(key, value, baseline))
         rows.append(row)
@@ -153,7 +154,7 @@ def format_results_for_terminal(results: dict[str, dict[str, float]], keys: Sequ
     return "\n".join([line(header), rule, *(line(row) for row in rows)])
 
 
-def _lower_is_better(key: str) -> bool:
+def lower_is_better(key: str) -> bool:
     return key.endswith("_rank") or "loss" in key or key == "mean_cosine_unmatched"
 
 
@@ -166,7 +167,7 @@ def _html_table(header: list[str], rows: list[list[str]], numeric: bool) -> str:
             return ""
         classes = ["num"]
         if header[column].startswith("Δ") and text[:1] in "+-" and text.strip("+-0.") != "":
-            improved = (text[0] == "+") != _lower_is_better(key)
+            improved = (text[0] == "+") != lower_is_better(key)
             classes.append("up" if improved else "down")
         return f' class="{" ".join(classes)}"'
 
@@ -213,7 +214,7 @@ def _parameter_line(counts: dict) -> str | None:
 
 
 @dataclass
-class _Section:
+class Section:
     """One report section, kept as data so that Markdown and HTML say the same thing."""
 
     heading: str
@@ -225,10 +226,10 @@ class _Section:
     bullets: list[str] = field(default_factory=list)
 
 
-def _build_sections(out_dir: Path, inputs: ReportInputs) -> list[_Section]:
-    sections: list[_Section] = []
+def _build_sections(out_dir: Path, inputs: ReportInputs) -> list[Section]:
+    sections: list[Section] = []
 
-    results = _Section("Results")
+    results = Section("Results")
     if inputs.results:
         results.table = _table_cells(inputs.results, None)
         results.numeric_table = True
@@ -247,7 +248,7 @@ def _build_sections(out_dir: Path, inputs: ReportInputs) -> list[_Section]:
     if unavailable:
         log.warning("%s; the report is written without them", unavailable)
     for heading, filename, plot, args in figures:
-        section = _Section(heading)
+        section = Section(heading)
         skipped = unavailable or plot(*args, out_dir / filename)
         if skipped is None:
             section.image = filename
@@ -256,7 +257,7 @@ def _build_sections(out_dir: Path, inputs: ReportInputs) -> list[_Section]:
             section.paragraphs.append(f"Plot skipped: {skipped}.")
         sections.append(section)
 
-    model = _Section("Model and run")
+    model = Section("Model and run")
     parameter_line = _parameter_line(inputs.parameter_counts)
     if parameter_line:
         model.bullets.append(f"Parameters: {parameter_line}")
@@ -270,7 +271,7 @@ def _build_sections(out_dir: Path, inputs: ReportInputs) -> list[_Section]:
         unique: dict[str, str] = {}
         for path, reason in inputs.skipped_inputs:
             unique.setdefault(path, reason)
-        skipped = _Section(f"Skipped inputs ({len(unique)})")
+        skipped = Section(f"Skipped inputs ({len(unique)})")
         skipped.paragraphs.append("These data items could not be read and were left out:")
         # Reasons that start with their path lose it: it is in the first column.
         skipped.table = (["path", "reason"], [[path, reason.removeprefix(f"{path}: ")]
@@ -280,15 +281,15 @@ def _build_sections(out_dir: Path, inputs: ReportInputs) -> list[_Section]:
         sections.append(skipped)
 
     if inputs.notes:
-        sections.append(_Section("Notes", bullets=list(inputs.notes)))
+        sections.append(Section("Notes", bullets=list(inputs.notes)))
 
-    config = _Section("Configuration")
+    config = Section("Configuration")
     config.code = yaml.safe_dump(_to_plain(inputs.config), sort_keys=False, allow_unicode=True).rstrip()
     sections.append(config)
     return sections
 
 
-def _markdown(title: str, generated: str, sections: list[_Section]) -> str:
+def _markdown(title: str, generated: str, sections: list[Section]) -> str:
     out = [f"# {title}", "", f"_Generated {generated} by cliptune._", ""]
     for section in sections:
         out += [f"## {section.heading}", ""]
@@ -331,7 +332,7 @@ pre { background: #f6f8fa; padding: .8em; overflow-x: auto; }
 """
 
 
-def _html(title: str, generated: str, sections: list[_Section]) -> str:
+def _html(title: str, generated: str, sections: list[Section]) -> str:
     esc = html.escape
     out = ["<!doctype html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', f"<title>{esc(title)}</title>",
            f"<style>{_CSS}</style>", "</head>", "<body>", f"<h1>{esc(title)}</h1>",
@@ -359,11 +360,16 @@ def write_report(out_dir: Path, inputs: ReportInputs) -> Path:
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    return write_page(out_dir, inputs.title, _build_sections(out_dir, inputs))
+
+
+def write_page(out_dir: Path, title: str, sections: list[Section]) -> Path:
+    """report.md and report.html in `out_dir` from `sections` (their images already beside them), in the
+    report's one style; also how `cliptune sweep` writes its report. Returns the path of report.md."""
     generated = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    sections = _build_sections(out_dir, inputs)
-    markdown_path = out_dir / "report.md"
-    markdown_path.write_text(_markdown(inputs.title, generated, sections), encoding="utf-8")
-    (out_dir / "report.html").write_text(_html(inputs.title, generated, sections), encoding="utf-8")
+    markdown_path = Path(out_dir) / "report.md"
+    markdown_path.write_text(_markdown(title, generated, sections), encoding="utf-8")
+    (Path(out_dir) / "report.html").write_text(_html(title, generated, sections), encoding="utf-8")
     return markdown_path
 
 
