@@ -13,6 +13,7 @@ generated data:
 - the hub's `nlphuji/flickr30k` files (`flickr_annotations_30k.csv`, `flickr30k-images.zip` holding
   `flickr30k-images/<id>.jpg`), served by a fake `huggingface_hub.hf_hub_download`;
 - `$HOME/Pictures/` for `~/Pictures`, `my.yaml` and `runs/x/` (a trained run);
+- `benchmarks/`: a copy of the repository's, for `python benchmarks/NAME.py ...` (run by this interpreter);
 - no configs/ folder: `--config configs/NAME.yaml` is found among the configs shipped in the package,
   as for a user who installed the wheel (which, tested below, holds them).
 
@@ -93,6 +94,9 @@ EXEMPT: dict[str, str] = {
     "cliptune sweep --config configs/flickr30k_vitb32_lora.yaml --space configs/sweep_lora_space.yaml --storage "
     "postgresql://sweeper:secret@db-host/sweeps --study vitb32-lora --out runs/sweep_vitb32":
         "needs a PostgreSQL server on another host (and psycopg2); tests/test_sweep.py runs the SQLite storage",
+    "python benchmarks/scale.py --markdown":
+        "about an hour on 2 busy cores (retrieval_metrics on 100k x 500k, a 1M-vector index); "
+        "the `--short` command after it and tests/test_scale_bench.py run the same code at tiny sizes",
 }
 
 
@@ -239,6 +243,7 @@ def _template(root: Path, tokenizer) -> None:
     save_tiny_clip(repo / "openai" / "clip-vit-base-patch32", tokenizer)
     save_tiny_clip(repo / "BASE", tokenizer, seed=1)
     save_tiny_dual(repo / "runs" / "demo" / "base-model", tokenizer)
+    shutil.copytree(REPO / "benchmarks", repo / "benchmarks", ignore=shutil.ignore_patterns("__pycache__"))
     _coco(root / "shared" / "data" / "coco-mini", {"train": 8, "val": 4})
     _coco(repo / "data" / "coco", {"train": 6, "val": 4})
     for i, name in enumerate(["dog.jpg", "beach.png", "holiday/cat.jpg", "holiday/sea.webp"]):
@@ -351,6 +356,10 @@ def _run(command: DocCommand) -> None:
 
     # What the shell does before the program sees its arguments: `~/x` is $HOME/x.
     argv = [os.path.expanduser(word) if word.startswith("~") else word for word in command.argv]
+    if argv[0] == "python" and len(argv) > 1 and argv[1].endswith(".py"):
+        code = _run_script(argv[1:])
+        assert code == 0, f"{command.label}: `{command.text}` exited {code}"
+        return
     if argv[0] != "cliptune":
         pytest.fail(f"{command.label}: no way to run {argv[0]!r} in this test: make it runnable here, or add "
                     "it to EXEMPT with the reason, or fence it as ```text in the doc with a sentence why")
@@ -359,6 +368,22 @@ def _run(command: DocCommand) -> None:
     except SystemExit as exit_:  # argparse refusing the command line
         code = exit_.code
     assert code == 0, f"{command.label}: `{command.text}` exited {code}"
+
+
+def _run_script(argv: list[str]) -> int | str | None:
+    """`python SCRIPT ARGS` in this interpreter, as `python` runs it: `__main__`, sys.argv = [SCRIPT, ARGS]."""
+    import runpy
+    import sys
+
+    saved = sys.argv
+    sys.argv = list(argv)
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as exit_:
+        return exit_.code
+    finally:
+        sys.argv = saved
+    return 0
 
 
 def _run_earlier(workspace: Workspace, command: DocCommand) -> None:

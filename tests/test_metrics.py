@@ -17,7 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cliptune.evaluation.metrics import METRIC_KEYS, RECALL_KEYS, retrieval_metrics
+from cliptune.evaluation.metrics import (
+    COUNT_BLOCK_ELEMENTS,
+    METRIC_KEYS,
+    RECALL_KEYS,
+    _top_columns,
+    retrieval_metrics,
+)
 
 
 # --- CLIP_benchmark reference (copied, credit above) -------------------------------------------
@@ -277,3 +283,99 @@ def test_embeddings_that_require_grad():
     images, texts, index = paired_data([2] * 20, noise=4.0, seed=5)
     got = retrieval_metrics(images.requires_grad_(), texts.requires_grad_(), index)
     assert got == retrieval_metrics(images.detach(), texts.detach(), index)
+
+
+# --- the memory-bounded rewrite equals the formulas it replaced ---------------------------------
+def old_image_to_text_ranks(image_emb, text_emb, text_image_index, chunk_size):
+    """The image->text ranks as computed before the rewrite: a (chunk, n_texts) mask per chunk."""
+    ranks = []
+    for start in range(0, image_emb.shape[0], chunk_size):
+        image_ids = torch.arange(start, min(start + chunk_size, image_emb.shape[0]))
+        scores = image_emb[image_ids] @ text_emb.T
+        is_true = text_image_index[None, :] == image_ids[:, None]
+        best_true = scores.masked_fill(~is_true, float("-inf")).amax(dim=1)
+        ranks.append(1 + (scores > best_true[:, None]).sum(dim=1))
+    return torch.cat(ranks).double()
+
+
+def old_cosine_summary(image_emb, text_emb, text_image_index):
+    """The cosine summary as computed before the rewrite: whole float64 copies of both tables."""
+    images, texts = image_emb.double(), text_emb.double()
+    matched = (texts * images[text_image_index]).sum(dim=1)
+    total = images.sum(dim=0) @ texts.sum(dim=0)
+    n_unmatched = images.shape[0] * texts.shape[0] - texts.shape[0]
+    return float(matched.mean()), float((total - matched.sum()) / n_unmatched)
+
+
+@pytest.mark.parametrize("chunk_size", [5, 64, 1024])
+def test_image_to_text_ranks_equal_the_masked_formula(chunk_size):
+    # Float (not grid) embeddings, captions shuffled, 1 to 5 captions per image, duplicated captions
+    # for exact ties: the best true caption's score must be the very value the masked max picked.
+    g = torch.Generator().manual_seed(7)
+    counts = torch.randint(1, 6, (150,), generator=g).tolist()
+    images, texts, index = paired_data(counts, dim=96, noise=5.0, seed=7)
+    texts[30:60] = texts[100:130]
+    got = retrieval_metrics(images, texts, index, chunk_size=chunk_size)
+    want = old_image_to_text_ranks(images, texts, index, chunk_size)
+    assert got["image_to_text_mean_rank"] == float(want.mean())
+    assert got["image_to_text_median_rank"] == float(np.median(want.numpy()))
+
+
+def test_cosine_summary_equals_the_whole_table_formula():
+    images, texts, index = paired_data([5] * 200, dim=128, noise=6.0, seed=8)
+    matched, unmatched = old_cosine_summary(images, texts, index)
+    one_chunk = retrieval_metrics(images, texts, index, chunk_size=len(index))
+    assert (one_chunk["mean_cosine_matched"], one_chunk["mean_cosine_unmatched"]) == (matched, unmatched)
+    # Several chunks: per-caption cosines are the same bits; the column sums only round differently.
+    chunked = retrieval_metrics(images, texts, index, chunk_size=7)
+    assert chunked["mean_cosine_matched"] == matched
+    assert chunked["mean_cosine_unmatched"] == pytest.approx(unmatched, rel=1e-12, abs=1e-15)
+
+
+def _process_memory_mb(field: str) -> float:
+    with open("/proc/self/status", encoding="ascii") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":")) / 1024
+
+
+def test_peak_memory_is_one_score_block_not_a_multiple():
+    """100k images x 500k captions must fit: beyond the (chunk, n) score block itself, memory may not
+    grow with n (the old code held a bool mask, a masked copy, the bool->int64 cast of a comparison
+    and float64 copies of all captions: 346 MB here)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+            clear.write("5")  # reset this process's peak RSS (VmHWM) to its current RSS
+    except OSError:
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
+    g = torch.Generator().manual_seed(9)
+    n_images, n_texts = 256, 100_000  # the default chunk_size (1024) scores all 256 images at once
+    images = F.normalize(torch.randn(n_images, 32, generator=g), dim=-1)
+    index = torch.arange(n_texts) % n_images
+    texts = F.normalize(images[index] + torch.randn(n_texts, 32, generator=g), dim=-1)
+    retrieval_metrics(images[:8], texts[:64], index[:64] % 8)  # first-call allocations, not measured
+    block_mb = n_images * n_texts * 4 / 2**20  # 98 MB
+    # Plus a fixed allowance: _count_above's blocks (72 MB), BLAS work buffers (~20 MB seen) and slack.
+    allowance_mb = 9 * COUNT_BLOCK_ELEMENTS / 2**20 + 48
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+        clear.write("5")
+    before = _process_memory_mb("VmRSS")
+    retrieval_metrics(images, texts, index)
+    growth = _process_memory_mb("VmHWM") - before
+    assert growth < block_mb + allowance_mb, f"peak grew {growth:.0f} MB for a {block_mb:.0f} MB score block"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_one_topk_call_picks_the_same_columns_as_one_call_per_k(seed):
+    # A coarse grid in 4 dims: scores take few distinct values, so many rows tie at the 1st, 5th or
+    # 10th place, where topk(10)[:, :k] and topk(k) may pick different columns.
+    g = torch.Generator().manual_seed(seed)
+    scores = grid_embeddings(300, 4, g, step=2) @ grid_embeddings(40, 4, g, step=2).T  # (300, 40)
+    scores[:5, 3] = float("nan")
+    tops = _top_columns(scores, (1, 5, 10))
+    for k in (1, 5, 10):
+        assert torch.equal(tops[k].sort(dim=1).values, scores.topk(k, dim=1).indices.sort(dim=1).values), k
+    # The case really has rows where the shortcut would have picked other columns.
+    widest = scores.topk(10, dim=1).indices
+    assert any(not torch.equal(widest[:, :k].sort(dim=1).values, scores.topk(k, dim=1).indices.sort(dim=1).values)
+               for k in (1, 5))
+    # Fewer candidates than k: k is clipped to their number.
+    assert _top_columns(scores[:, :3], (1, 5, 10))[10].shape == (300, 3)

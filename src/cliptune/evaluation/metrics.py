@@ -4,8 +4,8 @@ Every caption is scored against every image. image->text R@K counts an image as 
 its captions is among its top K texts; text->image R@K counts a caption as a hit when its one image
 is among its top K images. The recall values agree exactly with LAION's CLIP_benchmark
 (`clip_benchmark/metrics/zeroshot_retrieval.py`, `recall_at_k(...) > 0`), ties included: hits are
-found with `torch.topk` called with the same k on the same score rows, so ties are broken the way
-CLIP_benchmark breaks them.
+the columns `torch.topk` picks with the same k on the same score rows, so ties are broken the way
+CLIP_benchmark breaks them (one topk call serves every k unless a tie crosses the k-th place).
 
 The (n_images, n_texts) similarity matrix is never built whole: rows are scored `chunk_size` at a
 time, so memory is O(chunk_size * max(n_images, n_texts)) and COCO 5K (5,000 x 25,000) or larger
@@ -67,19 +67,30 @@ def retrieval_metrics(
     text_image_index = _validate(image_emb, text_emb, text_image_index, chunk_size)
     n_images, n_texts = image_emb.shape[0], text_emb.shape[0]
 
+    # Caption ids grouped by their image (stable, so in caption order within an image), and where
+    # each image's group starts: a chunk of images owns one contiguous slice of `captions_by_image`.
+    captions_by_image = torch.argsort(text_image_index, stable=True)  # (n_texts,)
+    group_starts = torch.zeros(n_images + 1, dtype=torch.long, device=text_emb.device)
+    group_starts[1:] = torch.bincount(text_image_index, minlength=n_images).cumsum(0)
+
     i2t_hits = {k: 0 for k in RECALL_KS}
     i2t_ranks: list[Tensor] = []
     for start in range(0, n_images, chunk_size):
-        image_ids = torch.arange(start, min(start + chunk_size, n_images), device=image_emb.device)
-        scores = image_emb[image_ids] @ text_emb.T  # (chunk, n_texts)
-        is_true = text_image_index[None, :] == image_ids[:, None]  # (chunk, n_texts)
-        for k in RECALL_KS:
-            # One topk call per k, as CLIP_benchmark does: topk(10)[:5] may break ties
-            # differently from topk(5).
-            top = scores.topk(min(k, n_texts), dim=1).indices  # (chunk, k)
+        stop = min(start + chunk_size, n_images)
+        image_ids = torch.arange(start, stop, device=image_emb.device)
+        scores = image_emb[start:stop] @ text_emb.T  # (chunk, n_texts)
+        for k, top in _top_columns(scores, RECALL_KS).items():  # top: (chunk, k)
             i2t_hits[k] += int((text_image_index[top] == image_ids[:, None]).any(dim=1).sum())
-        best_true = scores.masked_fill(~is_true, float("-inf")).amax(dim=1)  # (chunk,)
-        i2t_ranks.append(1 + (scores > best_true[:, None]).sum(dim=1))
+        # The best true caption's score, read from `scores` itself (a recomputed dot product could
+        # round differently and miscount the true caption as scoring higher than itself), by
+        # gathering only the chunk's own (image, caption) cells: a (chunk, n_texts) mask and masked
+        # copy of `scores` cost 3 GB per 1024 images at 500k captions.
+        true_captions = captions_by_image[group_starts[start]:group_starts[stop]]  # (captions of chunk,)
+        true_rows = text_image_index[true_captions] - start
+        best_true = torch.full((stop - start,), float("-inf"), dtype=scores.dtype, device=scores.device)
+        best_true.scatter_reduce_(0, true_rows, scores[true_rows, true_captions], reduce="amax")  # (chunk,)
+        i2t_ranks.append(1 + _count_above(scores, best_true))
+        del scores  # before the next block is allocated: otherwise two blocks are alive at once
 
     t2i_hits = {k: 0 for k in RECALL_KS}
     t2i_ranks: list[Tensor] = []
@@ -87,11 +98,11 @@ def retrieval_metrics(
         stop = min(start + chunk_size, n_texts)
         scores = text_emb[start:stop] @ image_emb.T  # (chunk, n_images)
         true_image = text_image_index[start:stop]  # (chunk,)
-        for k in RECALL_KS:
-            top = scores.topk(min(k, n_images), dim=1).indices  # (chunk, k)
+        for k, top in _top_columns(scores, RECALL_KS).items():  # top: (chunk, k)
             t2i_hits[k] += int((top == true_image[:, None]).any(dim=1).sum())
         true_score = scores.gather(1, true_image[:, None])  # (chunk, 1)
-        t2i_ranks.append(1 + (scores > true_score).sum(dim=1))
+        t2i_ranks.append(1 + _count_above(scores, true_score[:, 0]))
+        del scores
 
     metrics: dict[str, float] = {}
     for k in RECALL_KS:
@@ -101,7 +112,7 @@ def retrieval_metrics(
     metrics["rsum"] = sum(metrics[key] for key in RECALL_KEYS)
     metrics.update(_rank_summary("image_to_text", torch.cat(i2t_ranks)))
     metrics.update(_rank_summary("text_to_image", torch.cat(t2i_ranks)))
-    metrics.update(_cosine_summary(image_emb, text_emb, text_image_index))
+    metrics.update(_cosine_summary(image_emb, text_emb, text_image_index, chunk_size))
     return {key: metrics[key] for key in METRIC_KEYS}
 
 
@@ -146,6 +157,52 @@ def _validate(image_emb: Tensor, text_emb: Tensor, text_image_index: Tensor, chu
     return text_image_index
 
 
+def _top_columns(scores: Tensor, ks: tuple[int, ...]) -> dict[int, Tensor]:
+    """For each k, the set of columns `scores.topk(k, dim=1)` picks in each row, from one topk call.
+
+    CLIP_benchmark calls topk once per k, and topk(10)[:, :5] may break a tie at the 5th place
+    differently from topk(5). Where the k-th largest score is strictly above the (k+1)-th, the k
+    largest are the same set whichever call picks them; only rows tied across that cut (or holding
+    NaN) are asked topk(k) again. One topk pass instead of three over (chunk, n) scores.
+    """
+    n = scores.shape[1]
+    widest = min(max(ks), n)
+    values, columns = scores.topk(widest, dim=1)  # sorted, best first
+    tops = {}
+    for k in ks:
+        top = columns[:, :min(k, n)]
+        if k < widest:
+            tied = (~(values[:, k - 1] > values[:, k])).nonzero().flatten()
+            if tied.numel():
+                top = top.clone()
+                top[tied] = scores[tied].topk(k, dim=1).indices
+        tops[k] = top
+    return tops
+
+
+# Scores compared and counted at once by `_count_above`: its temporaries take 9 bytes per score.
+COUNT_BLOCK_ELEMENTS = 1 << 23
+
+
+def _count_above(scores: Tensor, threshold: Tensor, block_elements: int = COUNT_BLOCK_ELEMENTS) -> Tensor:
+    """`(scores > threshold[:, None]).sum(dim=1)`, a block of whole rows at a time.
+
+    Summing a bool tensor casts it to int64 first: a (1024, 500k) comparison would take 4 GB, twice
+    the scores themselves. Blocks of ~8M scores bound that at 64 MB, and every block's comparison is
+    written into one reused bool buffer (8 MB): a fresh one per block piled up in the heap, 0.6 GB
+    over a (1024, 500k) block. Whole rows keep each block contiguous (slices of columns were
+    slower). Counts are integers, so the result is exactly the same.
+    """
+    rows = max(1, block_elements // max(1, scores.shape[1]))
+    above = torch.empty((min(rows, scores.shape[0]), scores.shape[1]), dtype=torch.bool, device=scores.device)
+    counts = []
+    for start in range(0, scores.shape[0], rows):
+        block = above[:min(rows, scores.shape[0] - start)]
+        torch.gt(scores[start:start + rows], threshold[start:start + rows, None], out=block)
+        counts.append(block.sum(dim=1))
+    return torch.cat(counts)
+
+
 def _rank_summary(direction: str, ranks: Tensor) -> dict[str, float]:
     """Median (mean of the two middle values for an even count, like numpy) and mean rank."""
     # Sort instead of torch.quantile, which refuses inputs over 16M elements.
@@ -158,16 +215,24 @@ def _rank_summary(direction: str, ranks: Tensor) -> dict[str, float]:
     }
 
 
-def _cosine_summary(image_emb: Tensor, text_emb: Tensor, text_image_index: Tensor) -> dict[str, float]:
+def _cosine_summary(
+    image_emb: Tensor, text_emb: Tensor, text_image_index: Tensor, chunk_size: int
+) -> dict[str, float]:
     """Mean cosine of matching pairs and of all non-matching pairs, without the full matrix.
 
     The sum over ALL pairs factorises: sum_i sum_t <x_i, y_t> = <sum_i x_i, sum_t y_t>. float64
-    keeps that subtraction from losing digits on 125M pairs.
+    keeps that subtraction from losing digits on 125M pairs. Rows are cast to float64 `chunk_size`
+    at a time: a whole float64 copy of 500k captions and of their images' rows is 4 GB. Per-caption
+    cosines are the same bits either way; the column sums differ from one whole-tensor sum only in
+    float64 rounding (summation order) once there is more than one chunk.
     """
-    images, texts = image_emb.double(), text_emb.double()
-    matched = (texts * images[text_image_index]).sum(dim=1)  # (n_texts,)
-    total = images.sum(dim=0) @ texts.sum(dim=0)
-    n_unmatched = images.shape[0] * texts.shape[0] - texts.shape[0]
+    matched = torch.cat([
+        (text_emb[start:start + chunk_size].double()
+         * image_emb[text_image_index[start:start + chunk_size]].double()).sum(dim=1)
+        for start in range(0, text_emb.shape[0], chunk_size)
+    ])  # (n_texts,)
+    total = _column_sum_float64(image_emb, chunk_size) @ _column_sum_float64(text_emb, chunk_size)
+    n_unmatched = image_emb.shape[0] * text_emb.shape[0] - text_emb.shape[0]
     mean_matched = float(matched.mean())
     mean_unmatched = float((total - matched.sum()) / n_unmatched) if n_unmatched else float("nan")
     return {
@@ -175,3 +240,11 @@ def _cosine_summary(image_emb: Tensor, text_emb: Tensor, text_image_index: Tenso
         "mean_cosine_unmatched": mean_unmatched,
         "cosine_gap": mean_matched - mean_unmatched,
     }
+
+
+def _column_sum_float64(rows: Tensor, chunk_size: int) -> Tensor:
+    """`rows.double().sum(dim=0)` without the float64 copy of `rows` (`sum(dtype=...)` makes one too)."""
+    total = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
+    for start in range(0, rows.shape[0], chunk_size):
+        total += rows[start:start + chunk_size].double().sum(dim=0)
+    return total
