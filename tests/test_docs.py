@@ -73,8 +73,8 @@ EXEMPT: dict[str, str] = {
     "torchrun --nproc_per_node 8 -m cliptune index ~/Pictures --out pics.index --model.name BASE": _EIGHT_GPUS_INDEX,
     "accelerate launch --num_processes 8 -m cliptune index ~/Pictures --out pics.index --model.name BASE":
         _EIGHT_GPUS_INDEX,
-    "python benchmarks/ann.py": "builds exact, IVF and HNSW indexes of up to 1M 512-d vectors: most of an hour on "
-                                "2 cores; tests/test_index.py runs `python benchmarks/ann.py --short`",
+    "python benchmarks/ann.py": "builds exact, IVF and HNSW indexes of up to 1M 512-d vectors: over half an hour "
+                                "on 2 cores; tests/test_index.py runs `python benchmarks/ann.py --short`",
     "cliptune bench --data.path ../shared/data/coco-mini --steps 10": _VIT_B32,
     "cliptune bench --data.path ../shared/data/coco-mini --short": _VIT_B32,
     "cliptune bench --data.path ../shared/data/coco-mini --sweep": _VIT_B32 + "; torch.compile alone took 312 s",
